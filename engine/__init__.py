@@ -1,0 +1,1 @@
+"""FactorKV engine package."""

@@ -1,0 +1,1 @@
+"""FactorKV loadtests package."""

@@ -1,0 +1,1 @@
+"""FactorKV model_patches package."""
