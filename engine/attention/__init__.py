@@ -1,0 +1,1 @@
+"""Attention backends that read a paged cache of r-dim keys and D-dim values."""

@@ -1,0 +1,235 @@
+"""The `factored_keys` block of a factored checkpoint's config.json, parsed and validated.
+
+See docs/checkpoint-format.md. Everything that reads a factored checkpoint (the vLLM
+models, the plain-torch reference, the metrics, the CLI's pre-flight check) goes
+through `FactoredKeysConfig.from_hf_config`, so a malformed checkpoint fails the
+same way everywhere: one `FactoredCheckpointError` line naming the field or tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+BLOCK = "factored_keys"
+LLAMA_ARCH = "FactoredLlamaForCausalLM"
+GPT2_ARCH = "FactoredGPT2LMHeadModel"
+FACTORED_ARCHS = (LLAMA_ARCH, GPT2_ARCH)
+REQUIRED_FIELDS = ("format_version", "key_rank", "head_dim", "rotary_inv_freq", "method",
+                   "source_model")
+
+
+class FactoredCheckpointError(ValueError):
+    """A factored checkpoint is inconsistent; the message is one line naming the field."""
+
+
+def _get(cfg: Any, name: str, default: Any = None) -> Any:
+    if isinstance(cfg, dict):
+        return cfg.get(name, default)
+    return getattr(cfg, name, default)
+
+
+def model_dims(hf_config: Any) -> tuple[int, int, int, int, int]:
+    """(num_layers, num_heads, num_kv_heads, head_dim, hidden) of a Llama- or GPT-2-style config."""
+    layers = _get(hf_config, "num_hidden_layers", None) or _get(hf_config, "n_layer")
+    heads = _get(hf_config, "num_attention_heads", None) or _get(hf_config, "n_head")
+    hidden = _get(hf_config, "hidden_size", None) or _get(hf_config, "n_embd")
+    kv_heads = _get(hf_config, "num_key_value_heads", None) or heads
+    head_dim = _get(hf_config, "head_dim", None) or hidden // heads
+    return int(layers), int(heads), int(kv_heads), int(head_dim), int(hidden)
+
+
+@dataclass(frozen=True)
+class FactoredKeysConfig:
+    """Validated factored-keys block.
+
+    ranks[l]         thin key dims r_l of layer l (per KV head)
+    head_dim         D, the value / original head dim
+    softmax_scale    multiplies q·k (the original model's, normally D**-0.5)
+    inv_freq[l]      float64 tensor [num_kv_heads, r_l/2] (None when the model has no RoPE)
+    """
+
+    ranks: tuple[int, ...]
+    head_dim: int
+    num_heads: int
+    num_kv_heads: int
+    softmax_scale: float
+    inv_freq: tuple[torch.Tensor, ...] | None
+    rotary_attention_scaling: float
+    method: str
+    source_model: str
+    source_architecture: str
+
+    @property
+    def uniform_rank(self) -> int | None:
+        return self.ranks[0] if len(set(self.ranks)) == 1 else None
+
+    @property
+    def has_rope(self) -> bool:
+        return self.inv_freq is not None
+
+    def kv_elements_per_token(self) -> int:
+        """Cache elements per token, all layers: sum_l H_kv (r_l + D)."""
+        return sum(self.num_kv_heads * (r + self.head_dim) for r in self.ranks)
+
+    def baseline_kv_elements_per_token(self) -> int:
+        """The unfactored model's cache elements per token: sum_l H_kv 2D."""
+        return len(self.ranks) * self.num_kv_heads * 2 * self.head_dim
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Any) -> "FactoredKeysConfig":
+        block = _get(hf_config, BLOCK)
+        if block is None:
+            raise FactoredCheckpointError(f"config.json has no '{BLOCK}' block")
+        if not isinstance(block, dict):
+            raise FactoredCheckpointError(f"config.json '{BLOCK}' must be an object")
+        for name in REQUIRED_FIELDS:
+            if name not in block:
+                raise FactoredCheckpointError(f"config.json {BLOCK}.{name} is missing")
+        if block["format_version"] != FORMAT_VERSION:
+            raise FactoredCheckpointError(
+                f"config.json {BLOCK}.format_version is {block['format_version']!r}; "
+                f"this FactorKV reads version {FORMAT_VERSION}")
+        n_layers, n_heads, n_kv, cfg_head_dim, _ = model_dims(hf_config)
+        head_dim = block["head_dim"]
+        if not isinstance(head_dim, int) or head_dim != cfg_head_dim:
+            raise FactoredCheckpointError(
+                f"config.json {BLOCK}.head_dim is {head_dim!r} but the model's head dim is "
+                f"{cfg_head_dim}")
+        rank = block["key_rank"]
+        ranks = [rank] * n_layers if isinstance(rank, int) else rank
+        if (not isinstance(ranks, list) or len(ranks) != n_layers
+                or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks)):
+            raise FactoredCheckpointError(
+                f"config.json {BLOCK}.key_rank must be an int or a list of {n_layers} ints")
+        for i, r in enumerate(ranks):
+            if not 1 <= r <= head_dim:
+                raise FactoredCheckpointError(
+                    f"config.json {BLOCK}.key_rank[{i}] = {r} is outside 1..head_dim ({head_dim})")
+        inv_freq = _parse_inv_freq(block["rotary_inv_freq"], ranks, n_kv)
+        scale = block.get("softmax_scale", head_dim ** -0.5)
+        if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise FactoredCheckpointError(f"config.json {BLOCK}.softmax_scale must be a positive number")
+        att = block.get("rotary_attention_scaling", 1.0)
+        if not isinstance(att, (int, float)) or not math.isfinite(att):
+            raise FactoredCheckpointError(f"config.json {BLOCK}.rotary_attention_scaling must be a number")
+        return cls(ranks=tuple(ranks), head_dim=head_dim, num_heads=n_heads, num_kv_heads=n_kv,
+                   softmax_scale=float(scale), inv_freq=inv_freq,
+                   rotary_attention_scaling=float(att), method=str(block["method"]),
+                   source_model=str(block["source_model"]),
+                   source_architecture=str(block.get("source_architecture", "")))
+
+    def to_block(self) -> dict[str, Any]:
+        """The JSON block for config.json (inverse of from_hf_config)."""
+        rank: int | list[int] = self.uniform_rank or list(self.ranks)
+        freq = None
+        if self.inv_freq is not None:
+            freq = [t.tolist() for t in self.inv_freq]
+        return {
+            "format_version": FORMAT_VERSION, "key_rank": rank, "head_dim": self.head_dim,
+            "softmax_scale": self.softmax_scale, "rotary_inv_freq": freq,
+            "rotary_attention_scaling": self.rotary_attention_scaling, "method": self.method,
+            "source_model": self.source_model, "source_architecture": self.source_architecture,
+        }
+
+
+def _parse_inv_freq(value: Any, ranks: list[int], n_kv: int) -> tuple[torch.Tensor, ...] | None:
+    field = f"config.json {BLOCK}.rotary_inv_freq"
+    if value is None:
+        return None
+    if any(r % 2 for r in ranks):
+        bad = next(i for i, r in enumerate(ranks) if r % 2)
+        raise FactoredCheckpointError(
+            f"config.json {BLOCK}.key_rank[{bad}] = {ranks[bad]} is odd, but RoPE needs pairs")
+    try:
+        t = torch.tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError):
+        raise FactoredCheckpointError(f"{field} must be a list of numbers or a [layer][kv_head][r/2] "
+                                      "nested list") from None
+    if t.dim() == 1:
+        if len(set(ranks)) != 1 or t.shape[0] != ranks[0] // 2:
+            raise FactoredCheckpointError(
+                f"{field} has {t.shape[0]} entries; a flat table needs a uniform key_rank and "
+                f"key_rank/2 = {ranks[0] // 2} entries")
+        out = tuple(t.unsqueeze(0).expand(n_kv, -1).clone() for _ in ranks)
+    else:
+        if not isinstance(value, list) or len(value) != len(ranks):
+            raise FactoredCheckpointError(f"{field} must have one entry per layer ({len(ranks)})")
+        out = []
+        for i, (layer, r) in enumerate(zip(value, ranks)):
+            lt = torch.tensor(layer, dtype=torch.float64)
+            if tuple(lt.shape) != (n_kv, r // 2):
+                raise FactoredCheckpointError(
+                    f"{field}[{i}] has shape {list(lt.shape)}, expected [{n_kv}, {r // 2}]")
+            out.append(lt)
+        out = tuple(out)
+    for t in out:
+        if not torch.isfinite(t).all() or (t < 0).any():
+            raise FactoredCheckpointError(f"{field} must hold finite, non-negative frequencies")
+    return out
+
+
+def expected_attention_shapes(hf_config: Any, fk: FactoredKeysConfig) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape for every thin attention projection of the checkpoint."""
+    arch = (_get(hf_config, "architectures") or [""])[0]
+    _, h, h_kv, d, hidden = model_dims(hf_config)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i, r in enumerate(fk.ranks):
+        if arch == GPT2_ARCH:
+            p = f"transformer.h.{i}.attn"
+        else:
+            p = f"model.layers.{i}.self_attn"
+        shapes[f"{p}.q_proj.weight"] = (h * r, hidden)
+        shapes[f"{p}.k_proj.weight"] = (h_kv * r, hidden)
+        shapes[f"{p}.v_proj.weight"] = (h_kv * d, hidden)
+    return shapes
+
+
+def validate_checkpoint_dir(path: str | Path) -> FactoredKeysConfig | None:
+    """Pre-flight check of a model directory; returns None for an ordinary (unfactored) model.
+
+    Reads only config.json and the safetensors headers (no weights), so it is cheap
+    enough for the CLI to run before starting vLLM.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise FactoredCheckpointError(f"{path}: no config.json") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise FactoredCheckpointError(f"{path}/config.json is not valid JSON ({e})") from None
+    archs = cfg.get("architectures") or []
+    if not any(a in FACTORED_ARCHS for a in archs):
+        if BLOCK in cfg:
+            raise FactoredCheckpointError(
+                f"{path}/config.json has a '{BLOCK}' block but architectures={archs}; "
+                f"expected one of {list(FACTORED_ARCHS)}")
+        return None
+    fk = FactoredKeysConfig.from_hf_config(cfg)
+    found: dict[str, tuple[int, ...]] = {}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FactoredCheckpointError(f"{path}: no *.safetensors weights")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    found[name] = tuple(st.get_slice(name).get_shape())
+        except Exception as e:  # noqa: BLE001 - any header error means a corrupt file
+            raise FactoredCheckpointError(f"{f}: unreadable safetensors file ({e})") from None
+    for name, shape in expected_attention_shapes(cfg, fk).items():
+        if name not in found:
+            raise FactoredCheckpointError(f"{path}: tensor {name} is missing")
+        if found[name] != shape:
+            raise FactoredCheckpointError(
+                f"{path}: tensor {name} has shape {list(found[name])}, expected {list(shape)} "
+                f"(from {BLOCK}.key_rank)")
+    return fk

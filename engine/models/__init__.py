@@ -1,0 +1,1 @@
+"""vLLM model classes for factored (thin-key) checkpoints."""

@@ -1,0 +1,47 @@
+"""RoPE over the r thin key dims, with a frequency table per KV head.
+
+Thin dim j and j + r/2 (j < r/2) form a pair rotated by pos * inv_freq[h, j]
+(HF Llama's rotate_half / NeoX convention). The query heads of a GQA group use
+their KV head's table. A zero frequency leaves its pair unrotated.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class ThinRotaryEmbedding(nn.Module):
+    """Applies per-KV-head RoPE to thin queries [T, H*r] and keys [T, H_kv*r]."""
+
+    def __init__(self, inv_freq: torch.Tensor, num_heads: int, attention_scaling: float = 1.0):
+        super().__init__()
+        num_kv_heads, half = inv_freq.shape
+        self.num_kv_heads = num_kv_heads
+        self.group = num_heads // num_kv_heads
+        self.rank = 2 * half
+        self.attention_scaling = attention_scaling
+        # fp32 like HF's inv_freq; not a checkpoint weight.
+        self.register_buffer("inv_freq", inv_freq.to(torch.float32), persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [T, H_kv, r] (each half repeated)."""
+        ang = positions.to(torch.float32)[:, None, None] * self.inv_freq[None]
+        ang = torch.cat((ang, ang), dim=-1)
+        return ang.cos() * self.attention_scaling, ang.sin() * self.attention_scaling
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        t = positions.shape[0]
+        cos, sin = self.cos_sin(positions)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        k3 = k.view(t, self.num_kv_heads, self.rank)
+        k3 = k3 * cos + rotate_half(k3) * sin
+        q4 = q.view(t, self.num_kv_heads, self.group, self.rank)
+        q4 = q4 * cos[:, :, None] + rotate_half(q4) * sin[:, :, None]
+        return q4.reshape(q.shape), k3.reshape(k.shape)
