@@ -79,7 +79,8 @@ class FactoredGPT2Block(nn.Module):
         return hidden_states + self.mlp(self.ln_2(hidden_states))
 
 
-@support_torch_compile
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "position_ids": 0,
+                                         "intermediate_tensors": 0, "inputs_embeds": 0})
 class FactoredGPT2Model(nn.Module):
     hf_to_vllm_mapper = WeightsMapper(
         orig_to_new_substr={".attn.bias": None, ".attn.masked_bias": None},
