@@ -441,6 +441,17 @@ def test_entrypoint_maps_env_to_flags():
     assert "secret" not in " ".join(_entrypoint_argv({"FACTORKV_API_KEY": "secret"}, []))
 
 
+def test_entrypoint_execs_the_factorkv_command():
+    """Not a dry run: the entrypoint really execs the installed `factorkv` console script."""
+    bindir = Path(sys.executable).parent
+    if not (bindir / "factorkv").exists():
+        pytest.skip(f"no `factorkv` console script in {bindir} (package not installed)")
+    env = {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")}
+    proc = subprocess.run(["bash", str(ENTRYPOINT), "--help"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage: factorkv serve" in proc.stdout
+
+
 def _image_command(flavour: str) -> list[str]:
     instrs = _dockerfile_instructions(DOCKERFILES[flavour])
     env = {k: v for k, v in _dockerfile_env(instrs).items() if k.startswith("FACTORKV_")}
@@ -576,6 +587,29 @@ def test_promql_name_extraction():
             '{instance=~"$instance", model_name="x"}[$__rate_interval]))) / on(instance) '
             'max without (engine) (factorkv_kv_usage_ratio offset 5m) > bool 1e3')
     assert promql_metric_names(expr) == {"vllm:time_to_first_token_seconds_bucket", "factorkv_kv_usage_ratio"}
+
+
+def test_promtool_config_and_queries(tmp_path):
+    """Prometheus' own parser on prometheus.yml and on every dashboard/adapter query, where
+    promtool exists (no PyPI wheel ships it; e.g. Debian's `prometheus` package has it)."""
+    promtool = shutil.which("promtool")
+    if not promtool:
+        pytest.skip("promtool not installed (the PromQL name checks still ran)")
+    proc = subprocess.run([promtool, "check", "config", "--syntax-only", str(DEPLOY / "prometheus" / "prometheus.yml")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    exprs = _dashboard_exprs(json.loads(DASHBOARD.read_text()))
+    adapter = yaml.safe_load(_k8s("ConfigMap", "prometheus-adapter-factorkv")["data"]["config.yaml"])
+    exprs += [r["seriesQuery"] for r in adapter["rules"]]
+    exprs += [r["metricsQuery"].replace("<<.Series>>", "vllm:num_requests_waiting")
+              .replace("<<.LabelMatchers>>", 'pod="p"').replace("<<.GroupBy>>", "pod") for r in adapter["rules"]]
+    rules = {"groups": [{"name": "check", "rules": [
+        {"record": f"factorkv:check_{i}", "expr": e.replace("$__rate_interval", "1m").replace("$instance", ".*")}
+        for i, e in enumerate(exprs)]}]}
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    proc = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_metric_names_file():
