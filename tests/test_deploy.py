@@ -753,19 +753,38 @@ def _http(method: str, url: str, body: dict | None = None, timeout: float = 10) 
         return resp.read()
 
 
+def _shared_server():
+    """The context manager of tests/_server.py (the server's own test helper), if any."""
+    try:
+        from tests import _server  # noqa: PLC0415
+    except ImportError:
+        return None
+    for name in ("running_server", "factorkv_server", "start_server", "serve", "server", "FactorKVServer"):
+        factory = getattr(_server, name, None)
+        if callable(factory):
+            try:
+                return factory()
+            except TypeError:  # wants arguments this test does not know about
+                continue
+    return None
+
+
+def _base_url(srv) -> str:
+    url = getattr(srv, "base_url", None) or getattr(srv, "url", None) or srv
+    if not isinstance(url, str) and hasattr(srv, "port"):
+        url = f"http://127.0.0.1:{srv.port}"
+    return str(url).rstrip("/").removesuffix("/v1")
+
+
 @contextlib.contextmanager
 def _live_server():
     """A running `factorkv serve` on 127.0.0.1: the shared tests/_server.py helper when it
     exists, else one started here."""
-    with contextlib.suppress(ImportError):
-        from tests import _server  # noqa: PLC0415  (written with the server, issue 4)
-
-        for name in ("running_server", "serve", "server", "FactorKVServer"):
-            if hasattr(_server, name):
-                with getattr(_server, name)() as srv:
-                    url = getattr(srv, "base_url", None) or getattr(srv, "url", None) or srv
-                    yield str(url).rstrip("/").removesuffix("/v1")
-                return
+    shared = _shared_server()
+    if shared is not None:
+        with shared as srv:
+            yield _base_url(srv)
+        return
     _factorkv_serve_parser()  # skips when the CLI does not exist yet
     port = _free_port()
     log = ROOT / ".cache" / "test_deploy_server.log"
@@ -790,8 +809,9 @@ def _live_server():
             proc.terminate()
             try:
                 proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            except subprocess.TimeoutExpired:  # the server and its engine processes
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, 9)
                 proc.wait()
 
 
