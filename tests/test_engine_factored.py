@@ -51,9 +51,11 @@ def _prompts(seed: int) -> list[list[int]]:
     return [torch.randint(3, 256, (n,), generator=g).tolist() for n in (5, 37, 150, 90)]
 
 
-@pytest.mark.parametrize("block_size", [16, 128])
-@pytest.mark.parametrize("name", ["llama_gqa", "llama_mha", "gpt2_mha"])
-def test_vllm_matches_reference(tiny_models, tmp_path, name, block_size):
+@pytest.mark.parametrize("name, block_size, kernel", [
+    (name, bs, "cpp") for name in ("llama_gqa", "llama_mha", "gpt2_mha") for bs in (16, 128)
+] + [("llama_gqa", 16, "torch")])
+def test_vllm_matches_reference(tiny_models, tmp_path, name, block_size, kernel):
+    """kernel: the C++ decode kernel or the pure-torch fallback (FACTORKV_CPU_KERNEL=0)."""
     path = tiny_models[name]
     prompts = _prompts(7)
     shared = prompts[2][:64] + _prompts(8)[1]          # shares 64 tokens with prompt 2
@@ -62,7 +64,8 @@ def test_vllm_matches_reference(tiny_models, tmp_path, name, block_size):
     round2 = [{"prompt": prompts[2], "max_tokens": 6}, {"prompt": shared, "max_tokens": 8}]
     out = run_vllm(path, [round1, round2], tmp_path, block_size=block_size,
                    kv_cache_memory_bytes=32 << 20, enable_prefix_caching=True,
-                   max_num_batched_tokens=64, max_num_seqs=8)
+                   max_num_batched_tokens=64, max_num_seqs=8,
+                   env={"FACTORKV_CPU_KERNEL": "0" if kernel == "torch" else "1"})
     ref = FactoredReference(path)
     requests = [(r, o) for rnd, outs in zip([round1, round2], out["rounds"])
                 for r, o in zip(rnd, outs)]

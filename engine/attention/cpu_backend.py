@@ -25,6 +25,8 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, Attentio
                                        CommonAttentionMetadata, MultipleOf)
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
+from engine.attention.cpu_kernels import thin_decode_kernel
+
 BACKEND_NAME = "FACTORKV_CPU_THIN"
 # Upper bound on the decode gather buffer (bytes); larger batches are processed in chunks.
 DECODE_GATHER_BYTES = 256 << 20
@@ -75,6 +77,8 @@ class ThinKeyCPUMetadata:
     num_decodes: int
     decode_rows: torch.Tensor | None          # [n, H_kv, L] flat cache rows
     decode_bias: torch.Tensor | None          # [n, 1, 1, L] 0 / -inf
+    decode_block_table: torch.Tensor | None   # [n, blocks] int32 (for the C++ kernel)
+    decode_seq_lens: torch.Tensor | None      # [n] int32
     prefills: list[PrefillRequest] = field(default_factory=list)
     # kept for tools that read vLLM-style metadata
     seq_lens: torch.Tensor | None = None
@@ -98,6 +102,8 @@ class ThinKeyCPUMetadataBuilder(AttentionMetadataBuilder[ThinKeyCPUMetadata]):
         self.block_size = kv_cache_spec.block_size
         self.num_kv_heads = kv_cache_spec.num_kv_heads
         self._init_reorder_batch_threshold(1)
+        self.use_kernel = (vllm_config.model_config.dtype == torch.float32
+                           and thin_decode_kernel() is not None)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> ThinKeyCPUMetadata:
@@ -112,8 +118,12 @@ class ThinKeyCPUMetadataBuilder(AttentionMetadataBuilder[ThinKeyCPUMetadata]):
         nd = 0
         while nd < n and qsl[nd + 1] - qsl[nd] == 1:
             nd += 1
-        decode_rows = decode_bias = None
-        if nd:
+        decode_rows = decode_bias = decode_bt = decode_sl = None
+        if nd and self.use_kernel:
+            length = max(seq_list[:nd])
+            decode_bt = block_table[:nd, : (length + bs - 1) // bs].to(torch.int32).contiguous()
+            decode_sl = seq_lens[:nd].to(torch.int32).contiguous()
+        elif nd:
             length = max(seq_list[:nd])
             t = torch.arange(length)
             blk = block_table[:nd, : (length + bs - 1) // bs].long()[:, t // bs]     # [nd, L]
@@ -136,6 +146,7 @@ class ThinKeyCPUMetadataBuilder(AttentionMetadataBuilder[ThinKeyCPUMetadata]):
                                            cache_rows(block_table[i], s, h_kv, bs), mask))
         return ThinKeyCPUMetadata(num_actual_tokens=m.num_actual_tokens, num_decodes=nd,
                                   decode_rows=decode_rows, decode_bias=decode_bias,
+                                  decode_block_table=decode_bt, decode_seq_lens=decode_sl,
                                   prefills=prefills, seq_lens=seq_lens, block_table=block_table,
                                   slot_mapping=m.slot_mapping)
 
@@ -162,6 +173,7 @@ class ThinKeyCPUImpl(AttentionImpl[ThinKeyCPUMetadata]):
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.sliding_window = None
+        thin_decode_kernel()      # build/load the C++ kernel at model load, not on first request
 
     def do_kv_cache_update(self, layer: AttentionLayer, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -191,7 +203,7 @@ class ThinKeyCPUImpl(AttentionImpl[ThinKeyCPUMetadata]):
         flat = kv_cache.view(-1, kv_cache.shape[-1])          # [num_blocks*H_kv*bs, r + D]
         nd = attn_metadata.num_decodes
         if nd:
-            self._decode(query[:nd], flat, attn_metadata, output[:nd])
+            self._decode(query[:nd], kv_cache, attn_metadata, output[:nd])
         for p in attn_metadata.prefills:
             g = flat.index_select(0, p.rows.reshape(-1)).view(self.num_kv_heads, -1, flat.shape[1])
             q = query[p.q_start:p.q_end].transpose(0, 1)          # [H, Q, r]
@@ -201,8 +213,17 @@ class ThinKeyCPUImpl(AttentionImpl[ThinKeyCPUMetadata]):
             output[p.q_start:p.q_end] = out.transpose(0, 1)
         return output
 
-    def _decode(self, query: torch.Tensor, flat: torch.Tensor, md: ThinKeyCPUMetadata,
+    def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, md: ThinKeyCPUMetadata,
                 output: torch.Tensor) -> None:
+        if md.decode_block_table is not None:
+            kernel = thin_decode_kernel()
+            dst = output if output.is_contiguous() else torch.empty_like(output)
+            kernel.thin_decode(query.contiguous(), kv_cache, md.decode_block_table,
+                               md.decode_seq_lens, dst, self.scale)
+            if dst is not output:
+                output.copy_(dst)
+            return
+        flat = kv_cache.view(-1, kv_cache.shape[-1])
         nd, r, c = query.shape[0], self.head_size, flat.shape[1]
         rows, bias = md.decode_rows, md.decode_bias
         length = rows.shape[-1]

@@ -1,0 +1,152 @@
+"""Decode throughput: factored default model (thin keys, FactorKV CPU backend) vs the
+unmodified model (vLLM's CPU_ATTN), same batch and context, measured side by side.
+
+    python -m loadtests.decode_throughput [--rank 16] [--batches 1,8,32] [--contexts 512,2048]
+
+Method: per (batch B, context C) the B prompts of C tokens are prefilled once
+(max_tokens=1) so the prefix cache holds them; then `generate(max_tokens=1)` and
+`generate(max_tokens=1+N)` on the same prompts are timed (their prefill is a cache
+hit), and decode throughput = B·N / (t_{1+N} - t_1). Each model runs in its own
+process; the whole comparison is repeated and the median kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def worker(model: str, out: str, batches: list[int], contexts: list[int], new_tokens: int,
+           kv_bytes: int) -> None:
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    max_len = max(contexts) + new_tokens + 8
+    llm = LLM(model=model, dtype="float32", enforce_eager=True, kv_cache_memory_bytes=kv_bytes,
+              max_model_len=max_len, max_num_seqs=max(batches), enable_prefix_caching=True,
+              max_num_batched_tokens=max(4096, max_len), seed=0)
+    backend = None
+    results = []
+    for c in contexts:
+        for b in batches:
+            g = torch.Generator().manual_seed(1000 * c + b)
+            prompts = [TokensPrompt(prompt_token_ids=torch.randint(100, 40000, (c,), generator=g)
+                                    .tolist()) for _ in range(b)]
+
+            def run(n: int) -> float:
+                sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True,
+                                    detokenize=False)
+                t = time.perf_counter()
+                llm.generate(prompts, sp, use_tqdm=False)
+                return time.perf_counter() - t
+
+            run(1)                                   # prefill into the prefix cache
+            t1 = min(run(1), run(1))
+            tn = run(1 + new_tokens)
+            tps = b * new_tokens / max(tn - t1, 1e-9)
+            results.append({"batch": b, "context": c, "decode_tok_s": tps,
+                            "t_prefill_hit_s": t1, "t_total_s": tn})
+            print(f"  {Path(model).name:40s} B={b:3d} C={c:5d}  {tps:8.1f} tok/s", flush=True)
+    cache = llm.llm_engine.vllm_config.cache_config
+    json.dump({"model": model, "num_gpu_blocks": cache.num_gpu_blocks,
+               "block_size": cache.block_size, "backend": backend, "results": results},
+              open(out, "w"))
+
+
+def factored_copy(src: Path, rank: int) -> Path:
+    """A thin-key copy of src at `rank` (first rotary pairs; throughput does not depend on
+    which pairs are kept), cached next to the source."""
+    from model_patches.factored_checkpoint import write_rotary_pair_subset
+    dst = src.parent / f"{src.name}-thin-r{rank}"
+    if not (dst / "config.json").exists():
+        write_rotary_pair_subset(src, dst, rank)
+    return dst
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="unmodified HF model dir (default: the prepared default model)")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--contexts", default="512,2048")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--kv-cache-memory", default="4GiB")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "docs/results/engine.md"))
+    ap.add_argument("--worker", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    batches = [int(x) for x in args.batches.split(",")]
+    contexts = [int(x) for x in args.contexts.split(",")]
+    from server.sizes import parse_size
+    kv_bytes = parse_size(args.kv_cache_memory)
+    if args.worker:
+        worker(args.worker[0], args.worker[1], batches, contexts, args.new_tokens, kv_bytes)
+        return
+
+    if args.model:
+        base = Path(args.model)
+    else:
+        from model_patches.default_model import prepare_default_model
+        base = prepare_default_model()
+    thin = factored_copy(base, args.rank)
+    runs: dict[str, list[dict]] = {"baseline": [], "factored": []}
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    for rep in range(args.repeats):
+        for name, model in (("baseline", base), ("factored", thin)):
+            out = tmp / f"factorkv-decode-{name}-{rep}.json"
+            print(f"[{rep + 1}/{args.repeats}] {name}: {model}", flush=True)
+            cmd = [sys.executable, "-m", "loadtests.decode_throughput", "--worker", str(model),
+                   str(out), "--batches", args.batches, "--contexts", args.contexts,
+                   "--new-tokens", str(args.new_tokens), "--kv-cache-memory", args.kv_cache_memory]
+            subprocess.run(cmd, check=True, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+            runs[name].append(json.loads(out.read_text()))
+    write_report(args, base, thin, runs, batches, contexts)
+
+
+def _median(runs: list[dict], b: int, c: int) -> float:
+    return statistics.median(r["decode_tok_s"] for run in runs for r in run["results"]
+                             if r["batch"] == b and r["context"] == c)
+
+
+def write_report(args, base: Path, thin: Path, runs: dict, batches, contexts) -> None:
+    import platform
+
+    import torch
+    import vllm
+    lines = [
+        "# Engine: decode throughput, factored vs unmodified (CPU)", "",
+        f"Command: `python -m loadtests.decode_throughput --rank {args.rank} --batches {args.batches} "
+        f"--contexts {args.contexts} --new-tokens {args.new_tokens} --kv-cache-memory "
+        f"{args.kv_cache_memory} --repeats {args.repeats}`", "",
+        f"Machine: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}; "
+        f"torch {torch.__version__}, vLLM {vllm.__version__}; float32, eager.", "",
+        f"- baseline: `{base.name}` on vLLM's CPU_ATTN backend "
+        f"({runs['baseline'][0]['num_gpu_blocks']} blocks of {runs['baseline'][0]['block_size']} tokens)",
+        f"- factored: `{thin.name}` (r = {args.rank}) on FactorKV's thin-key CPU backend "
+        f"({runs['factored'][0]['num_gpu_blocks']} blocks of {runs['factored'][0]['block_size']} tokens, "
+        "same KV budget)", "",
+        "Decode tokens/s (median of repeats; prefill excluded, see the module docstring):", "",
+        "| batch | context | baseline tok/s | factored tok/s | factored / baseline |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for c in contexts:
+        for b in batches:
+            bt, ft = _median(runs["baseline"], b, c), _median(runs["factored"], b, c)
+            lines.append(f"| {b} | {c} | {bt:.1f} | {ft:.1f} | {ft / bt:.2f}x |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Factored checkpoint validation: a malformed checkpoint fails with one line naming the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine.checkpoint import FactoredCheckpointError, FactoredKeysConfig, validate_checkpoint_dir
+from model_patches.factored_checkpoint import (ConversionError, write_full_rank,
+                                               write_rotary_pair_subset)
+from tests.engine_utils import tiny_gpt2, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def thin_llama(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return write_rotary_pair_subset(tiny_llama(root / "src"), root / "thin", 8)
+
+
+def _edit(src, dst, fn):
+    import shutil
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    fn(cfg)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def _error(path) -> str:
+    with pytest.raises(FactoredCheckpointError) as e:
+        validate_checkpoint_dir(path)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_valid_checkpoint_roundtrip(thin_llama):
+    fk = validate_checkpoint_dir(thin_llama)
+    assert fk.ranks == (8, 8) and fk.head_dim == 32 and fk.has_rope
+    cfg = json.loads((thin_llama / "config.json").read_text())
+    again = FactoredKeysConfig.from_hf_config({**cfg, "factored_keys": fk.to_block()})
+    assert again.ranks == fk.ranks and again.softmax_scale == fk.softmax_scale
+    assert all((a == b).all() for a, b in zip(again.inv_freq, fk.inv_freq))
+    assert fk.kv_elements_per_token() * 64 == fk.baseline_kv_elements_per_token() * 40
+
+
+@pytest.mark.parametrize("field", ["key_rank", "head_dim", "rotary_inv_freq", "method",
+                                   "format_version", "source_model"])
+def test_missing_field_is_named(thin_llama, tmp_path, field):
+    bad = _edit(thin_llama, tmp_path / "bad", lambda c: c["factored_keys"].pop(field))
+    assert field in _error(bad)
+
+
+def test_rank_inconsistent_with_weights(thin_llama, tmp_path):
+    def bump(c):
+        c["factored_keys"]["key_rank"] = 16
+        c["factored_keys"]["rotary_inv_freq"] = [[[0.1] * 8] * 2] * 2
+    msg = _error(_edit(thin_llama, tmp_path / "bad", bump))
+    assert "q_proj.weight" in msg and "key_rank" in msg
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda c: c["factored_keys"].update(key_rank=7), "odd"),
+    (lambda c: c["factored_keys"].update(key_rank=64), "key_rank"),
+    (lambda c: c["factored_keys"].update(rotary_inv_freq=[[0.1] * 3] * 2), "rotary_inv_freq"),
+    (lambda c: c["factored_keys"].update(rotary_inv_freq=[1.0, -1.0, 0.5, 0.1]), "rotary_inv_freq"),
+    (lambda c: c["factored_keys"].update(head_dim=16), "head_dim"),
+    (lambda c: c.update(architectures=["LlamaForCausalLM"]), "architectures"),
+])
+def test_bad_values(thin_llama, tmp_path, edit, needle):
+    assert needle in _error(_edit(thin_llama, tmp_path / "bad", edit))
+
+
+def test_missing_and_corrupt_weights(thin_llama, tmp_path):
+    import shutil
+    bad = tmp_path / "noweights"
+    shutil.copytree(thin_llama, bad)
+    (bad / "model.safetensors").unlink()
+    assert "safetensors" in _error(bad)
+    (bad / "model.safetensors").write_bytes(b"\x00garbage")
+    assert "unreadable" in _error(bad)
+
+
+def test_unfactored_model_passes_through(tmp_path):
+    assert validate_checkpoint_dir(tiny_llama(tmp_path / "plain")) is None
+
+
+def test_converter_rejects_bad_input(tmp_path):
+    src = tiny_llama(tmp_path / "src")
+    with pytest.raises(ConversionError, match="odd"):
+        write_rotary_pair_subset(src, tmp_path / "o", 7)
+    with pytest.raises(ConversionError, match="outside"):
+        write_rotary_pair_subset(src, tmp_path / "o", 64)
+    with pytest.raises(ConversionError, match="config.json"):
+        write_full_rank(tmp_path / "nowhere", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    # GPT-2 (no RoPE) accepts odd ranks
+    write_rotary_pair_subset(tiny_gpt2(tmp_path / "g"), tmp_path / "g7", 7)
+    assert validate_checkpoint_dir(tmp_path / "g7").ranks == (7, 7)
