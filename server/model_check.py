@@ -104,16 +104,81 @@ def _check_safetensors_file(f: Path) -> None:
         raise CLIError(f"{f} is not a valid safetensors file ({_one_line(e)})") from None
 
 
-def _check_factored(path: Path) -> None:
-    """Factored (thin-key) checkpoints: the engine's own pre-flight check, when present."""
+def _check_factored(path: Path):
+    """Factored (thin-key) checkpoints: the engine's own pre-flight check, when present.
+    Returns its FactoredKeysConfig (None for an ordinary model or without the engine)."""
     try:
         from engine.checkpoint import validate_checkpoint_dir
     except ImportError:
-        return
+        return None
     try:
-        validate_checkpoint_dir(path)
+        return validate_checkpoint_dir(path)
     except ValueError as e:
         raise CLIError(_one_line(e)) from None
+
+
+_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+_MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
+                 "max_sequence_length")
+
+
+def kv_bytes_per_token(path: Path, cfg: dict, dtype: str) -> int | None:
+    """KV cache bytes per token (all layers) for plain decoder configs and factored
+    checkpoints; None when the layout is not one this simple formula covers."""
+    nbytes = _DTYPE_BYTES.get(str(dtype))
+    if nbytes is None:
+        return None
+    text = cfg.get("text_config") or {}
+    if text or cfg.get("sliding_window") or cfg.get("layer_types") or cfg.get("kv_lora_rank"):
+        return None  # multimodal / sliding-window / hybrid / MLA: leave it to vLLM
+    fk = _check_factored(path)
+    if fk is not None:
+        return fk.kv_elements_per_token() * nbytes
+    layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+    heads = cfg.get("num_attention_heads", cfg.get("n_head"))
+    hidden = cfg.get("hidden_size", cfg.get("n_embd"))
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or (hidden // heads if hidden and heads else None)
+    if not all(isinstance(v, int) and v > 0 for v in (layers, kv_heads, head_dim)):
+        return None
+    return layers * kv_heads * 2 * head_dim * nbytes
+
+
+def config_max_len(cfg: dict) -> int | None:
+    if cfg.get("rope_scaling") or (cfg.get("rope_parameters") or {}).get("rope_type", "default") != "default":
+        return None
+    lens = [cfg[k] for k in _MAX_LEN_KEYS if isinstance(cfg.get(k), int) and cfg[k] > 0]
+    return min(lens) if lens else None
+
+
+def check_kv_budget(path: Path, cfg: dict, *, budget: int, dtype: str, max_model_len: int | None,
+                    block_size: int) -> None:
+    """One-line error when ``budget`` bytes cannot hold one ``max_model_len`` sequence
+    (vLLM would fail the same way, but from its engine process, with a traceback)."""
+    from server.sizes import format_size
+
+    if max_model_len is not None and max_model_len <= 0:
+        return  # -1 / "auto": vLLM fits the length to the memory
+    per_token = kv_bytes_per_token(path, cfg, dtype)
+    given = max_model_len is not None
+    max_len = max_model_len if given else config_max_len(cfg)
+    if per_token is None or max_len is None:
+        return
+    per_block = per_token * block_size
+    # vLLM's block pool keeps one block back (the null block), as its own check does.
+    fits = max(budget // per_block - 1, 0) * block_size
+    if fits >= max_len:
+        return
+    need = (-(-max_len // block_size) + 1) * per_block
+    if fits < block_size:
+        raise CLIError(f"--kv-cache-memory {format_size(budget)} is too small: it must hold at "
+                       f"least two KV blocks of {block_size} tokens x {per_token} bytes "
+                       f"({format_size(2 * per_block)})")
+    what = "--max-model-len" if given else "the model's max length"
+    raise CLIError(f"--kv-cache-memory {format_size(budget)} fits requests of at most {fits} "
+                   f"tokens ({per_token} bytes/token in {dtype}) but {what} is {max_len}; "
+                   f"give --kv-cache-memory {format_size(need)} or more, "
+                   f"or --max-model-len {fits} or less")
 
 
 def _one_line(e: BaseException) -> str:

@@ -33,6 +33,9 @@ DEFAULT_HOST = "127.0.0.1"
 #: KV budget on CPU when none is given (vLLM's own CPU default sizes the cache from
 #: --gpu-memory-utilization, i.e. ~90 % of the machine's RAM).
 CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30
+# vLLM's default KV block sizes (CPU_ATTN needs a multiple of 32 and uses 128).
+CPU_BLOCK_SIZE = 128
+GPU_BLOCK_SIZE = 16
 
 
 def _size_arg(text: str) -> int:
@@ -162,7 +165,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     else:
         path = resolve_model(args.model)
     need_tok = not (args.tokenizer or getattr(args, "skip_tokenizer_init", False))
-    check_model_dir(path, need_tokenizer=need_tok)
+    cfg = check_model_dir(path, need_tokenizer=need_tok)
     args.model = str(path)
 
     cpu = _on_cpu()
@@ -174,6 +177,13 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
         args.gpu_memory_utilization = args._vllm_gpu_memory_utilization
         if cpu and args.kv_cache_memory_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             args.kv_cache_memory_bytes = CPU_DEFAULT_KV_CACHE_BYTES
+    if args.kv_cache_memory_bytes is not None and args.kv_cache_dtype == "auto":
+        from server.model_check import check_kv_budget
+
+        max_len = args.max_model_len if isinstance(args.max_model_len, int) else None
+        check_kv_budget(path, cfg, budget=args.kv_cache_memory_bytes, dtype=args.dtype,
+                        max_model_len=max_len,
+                        block_size=args.block_size or (CPU_BLOCK_SIZE if cpu else GPU_BLOCK_SIZE))
     return args
 
 
@@ -233,9 +243,23 @@ async def run_server(args: argparse.Namespace, **uvicorn_kwargs) -> None:
     if args.reasoning_parser_plugin and len(args.reasoning_parser_plugin) > 3:
         ReasoningParserManager.import_reasoning_parser(args.reasoning_parser_plugin)
 
-    async with build_async_engine_client(args) as engine_client:
+    try:
+        engine_cm = build_async_engine_client(args)
+        engine_client = await engine_cm.__aenter__()
+    except (RuntimeError, ValueError) as e:
+        # The root cause was logged by vLLM's engine process above; keep ours to one line.
+        sock.close()
+        msg = " ".join(str(e).split())
+        raise CLIError(f"the vLLM engine failed to start: {msg[:400]} (details in the log above)",
+                       code=1) from None
+    try:
         shutdown_task = await build_and_serve(engine_client, listen_address, sock, args,
                                               **uvicorn_kwargs)
+    except BaseException:
+        if not await engine_cm.__aexit__(*sys.exc_info()):
+            raise
+    else:
+        await engine_cm.__aexit__(None, None, None)
     try:
         await shutdown_task
     finally:
