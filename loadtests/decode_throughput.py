@@ -116,7 +116,11 @@ def main(argv: list[str] | None = None) -> None:
         base = prepare_default_model()
     thin = factored_copy(base, args.rank)
     runs: dict[str, list[dict]] = {"baseline": [], "factored": []}
+    # In-process engine core (so steps can be timed); vLLM would drop the serving process to
+    # one torch thread, so give it the machine's cores explicitly, as a served worker has.
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
+    load_before = os.getloadavg()[0]
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
     for rep in range(args.repeats):
         for name, model in (("baseline", base), ("factored", thin)):
@@ -127,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
                    "--new-tokens", str(args.new_tokens), "--kv-cache-memory", args.kv_cache_memory]
             subprocess.run(cmd, check=True, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
             runs[name].append(json.loads(out.read_text()))
-    write_report(args, base, thin, runs, batches, contexts)
+    write_report(args, base, thin, runs, batches, contexts, (load_before, os.getloadavg()[0]),
+                 env["OMP_NUM_THREADS"])
 
 
 def _median(runs: list[dict], b: int, c: int) -> float:
@@ -135,7 +140,8 @@ def _median(runs: list[dict], b: int, c: int) -> float:
                              if r["batch"] == b and r["context"] == c)
 
 
-def write_report(args, base: Path, thin: Path, runs: dict, batches, contexts) -> None:
+def write_report(args, base: Path, thin: Path, runs: dict, batches, contexts,
+                 load: tuple[float, float], threads: str) -> None:
     import platform
 
     import torch
@@ -146,7 +152,9 @@ def write_report(args, base: Path, thin: Path, runs: dict, batches, contexts) ->
         f"--contexts {args.contexts} --new-tokens {args.new_tokens} --kv-cache-memory "
         f"{args.kv_cache_memory} --repeats {args.repeats}`", "",
         f"Machine: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}; "
-        f"torch {torch.__version__}, vLLM {vllm.__version__}; float32, eager.", "",
+        f"torch {torch.__version__}, vLLM {vllm.__version__}; float32, eager, OMP_NUM_THREADS={threads}; "
+        f"1-minute load average {load[0]:.2f} before, {load[1]:.2f} after (other jobs on the machine "
+        "distort 2-thread OpenMP timings badly).", "",
         f"- baseline: `{base.name}` on vLLM's CPU_ATTN backend "
         f"({runs['baseline'][0]['num_gpu_blocks']} blocks of {runs['baseline'][0]['block_size']} tokens)",
         f"- factored: `{thin.name}` (r = {args.rank}) on FactorKV's thin-key CPU backend "

@@ -1,0 +1,197 @@
+"""Convert an HF Llama-family or GPT-2-family checkpoint to factored (thin) keys.
+
+    convert(src, dst, key_rank=16)                          # or key_cache_ratio=0.25
+    convert(src, dst, key_rank=16, init="best-pairs", calibrate=True)
+
+1. Calibration statistics: the source model runs on calibration text (the gensim
+   Wikipedia calibration split, disjoint from evaluation) and the second moment
+   C_x = E[x xᵀ] of every layer's attention input is accumulated.
+2. Initialisation, layer by layer: model_patches.thin_init (data-aware whitened SVD,
+   rotary pair choice) gives each KV head's thin key rows, the absorbed query rows
+   and the RoPE frequency table of the thin dims.
+3. Optional calibration (model_patches.calibrate): QK-only recovery against the source.
+4. Written atomically through model_patches.factored_checkpoint.write_factored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.checkpoint import BLOCK, FORMAT_VERSION, FactoredKeysConfig, model_dims
+from model_patches.factored_checkpoint import (ConversionError, gpt2_qkv, read_source,
+                                               source_inv_freq, write_factored)
+from model_patches.thin_init import METHODS, head_moments, init_head
+
+DEFAULT_INIT = "partial-rope"
+DEFAULT_STAT_TOKENS = 32 * 512
+
+
+@dataclass
+class ConvertSummary:
+    dst: Path
+    ranks: list[int]
+    head_dim: int
+    kv_bytes_per_token: int
+    baseline_kv_bytes_per_token: int
+
+    def lines(self) -> list[str]:
+        r = self.ranks[0] if len(set(self.ranks)) == 1 else self.ranks
+        cut = 1 - self.kv_bytes_per_token / self.baseline_kv_bytes_per_token
+        return [f"wrote {self.dst}",
+                f"key rank r = {r} of head_dim {self.head_dim} "
+                f"(key cache cut {1 - sum(self.ranks) / (len(self.ranks) * self.head_dim):.1%})",
+                f"KV cache bytes per token (fp16): {self.baseline_kv_bytes_per_token:,} -> "
+                f"{self.kv_bytes_per_token:,} ({cut:.1%} smaller, "
+                f"{self.baseline_kv_bytes_per_token / self.kv_bytes_per_token:.2f}x tokens per byte)"]
+
+
+def resolve_rank(cfg: dict, key_rank: int | None, key_cache_ratio: float | None,
+                 family: str) -> int:
+    """The thin rank from --key-rank or --key-cache-ratio (kept fraction of key dims)."""
+    d = model_dims(cfg)[3]
+    if (key_rank is None) == (key_cache_ratio is None):
+        raise ConversionError("give exactly one of --key-rank or --key-cache-ratio")
+    if key_cache_ratio is not None:
+        if not (0 < key_cache_ratio <= 1) or math.isnan(key_cache_ratio):
+            raise ConversionError(f"--key-cache-ratio {key_cache_ratio} must be in (0, 1]")
+        key_rank = max(1, round(key_cache_ratio * d))
+        if family == "llama" and key_rank % 2:
+            key_rank += 1
+    if not 1 <= key_rank <= d:
+        raise ConversionError(f"--key-rank {key_rank} is outside 1..head_dim ({d})")
+    if family == "llama" and key_rank % 2:
+        raise ConversionError(f"--key-rank {key_rank} is odd, but RoPE needs pairs of dims")
+    return key_rank
+
+
+def input_moments(src: str | Path, n_tokens: int = DEFAULT_STAT_TOKENS, seq_len: int = 512,
+                  progress: bool = True) -> list[torch.Tensor]:
+    """C_x[l] = E[x xᵀ] (float64) of the input of every attention block, on calibration text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from model_patches.wiki_data import token_stream
+
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(src))
+    ids = torch.tensor(token_stream(tok, "calibration")[:n_tokens])
+    if len(ids) < seq_len:
+        raise ConversionError("not enough calibration text")
+    windows = ids[: len(ids) // seq_len * seq_len].view(-1, seq_len)
+    if hasattr(model, "model"):
+        norms = [layer.input_layernorm for layer in model.model.layers]
+    else:
+        norms = [block.ln_1 for block in model.transformer.h]
+    sums = [torch.zeros(model.config.hidden_size, model.config.hidden_size, dtype=torch.float64)
+            for _ in norms]
+    count = [0]
+
+    def hook(i):
+        def fn(_module, _inp, out):
+            x = out.reshape(-1, out.shape[-1]).double()
+            sums[i].add_(x.T @ x)
+        return fn
+    handles = [n.register_forward_hook(hook(i)) for i, n in enumerate(norms)]
+    from tqdm import tqdm
+    with torch.inference_mode():
+        for w in tqdm(windows, desc="calibration statistics", unit="window", disable=not progress):
+            model(w[None])
+            count[0] += w.numel()
+    for h in handles:
+        h.remove()
+    return [s / count[0] for s in sums]
+
+
+def init_thin_state(cfg: dict, sd: dict[str, torch.Tensor], family: str, rank: int, init: str,
+                    moments: list[torch.Tensor], progress: bool = True, src_name: str = "source"
+                    ) -> tuple[dict[str, torch.Tensor], list | None, float]:
+    """New state dict with thin q/k projections for every layer, the [layer][kv_head][r/2]
+    frequency table (None without RoPE) and the rotary attention scaling."""
+    from tqdm import tqdm
+
+    n_layers, h, h_kv, d, hidden = model_dims(cfg)
+    g = h // h_kv
+    state = dict(sd)
+    inv, scaling, base = None, 1.0, None
+    if family == "llama":
+        inv, scaling = source_inv_freq(cfg)
+        base = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
+    table = [] if family == "llama" else None
+    for i in tqdm(range(n_layers), desc=f"thin init ({init}, r={rank})", unit="layer",
+                  disable=not progress):
+        if family == "gpt2":
+            state.update(gpt2_qkv(sd, i, hidden))
+            del state[f"transformer.h.{i}.attn.c_attn.weight"], state[f"transformer.h.{i}.attn.c_attn.bias"]
+            p = f"transformer.h.{i}.attn"
+        else:
+            p = f"model.layers.{i}.self_attn"
+        wq = state[f"{p}.q_proj.weight"].view(h, d, hidden).double()
+        wk = state[f"{p}.k_proj.weight"].view(h_kv, d, hidden).double()
+        bq, bk = state.get(f"{p}.q_proj.bias"), state.get(f"{p}.k_proj.bias")
+        if family == "llama" and bk is not None:
+            raise ConversionError(f"{src_name}: a key bias under RoPE cannot be absorbed; "
+                                  "converting models with attention biases is not supported yet")
+        qs, ks, qb, freqs = [], [], [], []
+        for kv in range(h_kv):
+            group = slice(kv * g, (kv + 1) * g)
+            cq, ck = head_moments(wq[group], wk[kv], moments[i])
+            head = init_head(cq, ck, rank, init, inv, base)
+            qs.append(torch.einsum("dr,gdh->grh", head.u, wq[group]).reshape(g * rank, hidden))
+            ks.append(head.vt @ wk[kv])
+            if bq is not None:
+                qb.append((head.u.T @ bq.view(h, d)[group].double().T).T.reshape(-1))
+            if head.inv_freq is not None:
+                freqs.append(head.inv_freq.tolist())
+        state[f"{p}.q_proj.weight"] = torch.cat(qs).float()
+        state[f"{p}.k_proj.weight"] = torch.cat(ks).float()
+        if bq is not None:
+            state[f"{p}.q_proj.bias"] = torch.cat(qb).float()
+        if bk is not None:
+            # no RoPE: q·b_k is the same for every key of a query and cancels in the softmax
+            state[f"{p}.k_proj.bias"] = torch.zeros(h_kv * rank)
+        if table is not None:
+            table.append(freqs)
+    return state, table, scaling
+
+
+def convert(src: str | Path, dst: str | Path, *, key_rank: int | None = None,
+            key_cache_ratio: float | None = None, init: str = DEFAULT_INIT,
+            calibrate: bool = False, stat_tokens: int = DEFAULT_STAT_TOKENS,
+            calibration: dict | None = None, force: bool = False,
+            progress: bool = True) -> ConvertSummary:
+    """Write a factored checkpoint of `src` at `dst` (see the module docstring)."""
+    src, dst = Path(src), Path(dst)
+    if init not in METHODS:
+        raise ConversionError(f"--init {init!r} is not one of {', '.join(METHODS)}")
+    if dst.exists() and not force:
+        raise ConversionError(f"{dst} already exists (pass --force to replace it)")
+    cfg, sd, family = read_source(src)
+    rank = resolve_rank(cfg, key_rank, key_cache_ratio, family)
+    moments = input_moments(src, stat_tokens, progress=progress)
+    state, table, scaling = init_thin_state(cfg, sd, family, rank, init, moments, progress,
+                                           src.name)
+    _, _, _, d, _ = model_dims(cfg)
+    method = f"{init}" if family == "llama" else "whitened-svd"
+    block = {"format_version": FORMAT_VERSION, "key_rank": rank, "head_dim": d,
+             "softmax_scale": d ** -0.5, "rotary_inv_freq": table,
+             "rotary_attention_scaling": scaling, "method": method,
+             "source_model": cfg.get("_name_or_path") or src.name,
+             "source_architecture": (cfg.get("architectures") or [""])[0]}
+    if calibrate:
+        from model_patches.calibrate import calibrate_thin_qk
+        state, report = calibrate_thin_qk(src, cfg, family, state, block, dst=dst,
+                                          progress=progress, **(calibration or {}))
+        block["method"] = f"{method}+calibrated"
+        block["calibration"] = report
+    write_factored(src, dst, cfg=cfg, family=family, state=state, block=block, force=force)
+    fk = FactoredKeysConfig.from_hf_config(json.loads((dst / "config.json").read_text()))
+    return ConvertSummary(dst, list(fk.ranks), d, 2 * fk.kv_elements_per_token(),
+                          2 * fk.baseline_kv_elements_per_token())
+
+
+__all__ = ["convert", "ConvertSummary", "ConversionError", "resolve_rank", "input_moments",
+           "init_thin_state", "BLOCK"]
