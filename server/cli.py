@@ -34,6 +34,7 @@ PROG = "factorkv"
 SUBCOMMANDS: list[tuple[str, str]] = [
     ("serve", "server.serve"),
     ("prepare", "server.prepare_cmd"),
+    ("convert", "server.convert_cmd"),
 ]
 
 

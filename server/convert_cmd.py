@@ -1,0 +1,57 @@
+"""`factorkv convert`: an HF checkpoint -> a factored (thin-key) checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "convert an HF Llama/GPT-2 checkpoint to factored (thin) keys, optionally calibrated"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from model_patches.thin_init import METHODS
+
+    p = subparsers.add_parser(
+        "convert", help=HELP,
+        description="Write a factored checkpoint of SRC at DST (docs/checkpoint-format.md): key "
+                    "projections of rank r per KV head, the other factor absorbed into the queries. "
+                    "Data-aware initialisation from calibration text (gensim Wikipedia, "
+                    "calibration split); --calibrate adds QK-only recovery against SRC.")
+    p.add_argument("src", help="HF model directory (safetensors)")
+    p.add_argument("dst", help="output directory (written atomically)")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--key-rank", type=int, metavar="R", help="thin key dims per KV head")
+    size.add_argument("--key-cache-ratio", type=float, metavar="F",
+                      help="kept fraction of key dims, e.g. 0.25 for a 75%% key-cache cut")
+    p.add_argument("--init", choices=METHODS, default="partial-rope",
+                   help="initialisation (default: partial-rope; see docs/methods.md)")
+    p.add_argument("--calibrate", action="store_true", help="QK-only calibration against SRC")
+    p.add_argument("--stat-tokens", type=int, default=None, metavar="N",
+                   help="calibration tokens for the initialisation statistics")
+    p.add_argument("--calib-tokens", type=int, default=None, metavar="N",
+                   help="calibration tokens for --calibrate")
+    p.add_argument("--calib-steps", type=int, default=None, metavar="N",
+                   help="optimizer steps per layer for --calibrate")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from model_patches.convert import DEFAULT_STAT_TOKENS, convert
+    from model_patches.factored_checkpoint import ConversionError
+
+    from server.errors import CLIError
+
+    calibration = {k: v for k, v in (("tokens", args.calib_tokens), ("steps", args.calib_steps))
+                   if v is not None}
+    try:
+        summary = convert(args.src, args.dst, key_rank=args.key_rank,
+                          key_cache_ratio=args.key_cache_ratio, init=args.init,
+                          calibrate=args.calibrate, calibration=calibration or None,
+                          stat_tokens=args.stat_tokens or DEFAULT_STAT_TOKENS, force=args.force,
+                          progress=not args.quiet)
+    except ConversionError as e:
+        raise CLIError(str(e), code=2) from None
+    for line in summary.lines():
+        print(line)
+    return 0
