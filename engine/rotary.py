@@ -16,10 +16,19 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-class ThinRotaryEmbedding(nn.Module):
-    """Applies per-KV-head RoPE to thin queries [T, H*r] and keys [T, H_kv*r]."""
+# Precompute cos/sin for every position when the table stays under this many elements.
+MAX_CACHED_ELEMENTS = 1 << 22
 
-    def __init__(self, inv_freq: torch.Tensor, num_heads: int, attention_scaling: float = 1.0):
+
+class ThinRotaryEmbedding(nn.Module):
+    """Applies per-KV-head RoPE to thin queries [T, H*r] and keys [T, H_kv*r].
+
+    With `max_position`, cos and sin are tabulated once ([max_position, H_kv, r], sign of
+    rotate_half folded into sin) and a step costs two row gathers per layer; otherwise they
+    are computed from the positions on the fly."""
+
+    def __init__(self, inv_freq: torch.Tensor, num_heads: int, attention_scaling: float = 1.0,
+                 max_position: int | None = None):
         super().__init__()
         num_kv_heads, half = inv_freq.shape
         self.num_kv_heads = num_kv_heads
@@ -28,6 +37,13 @@ class ThinRotaryEmbedding(nn.Module):
         self.attention_scaling = attention_scaling
         # fp32 like HF's inv_freq; not a checkpoint weight.
         self.register_buffer("inv_freq", inv_freq.to(torch.float32), persistent=False)
+        half_perm = torch.cat((torch.arange(half, 2 * half), torch.arange(half)))
+        self.register_buffer("perm", half_perm, persistent=False)
+        self.cos_table = self.sin_table = None
+        if max_position and max_position * num_kv_heads * 2 * half <= MAX_CACHED_ELEMENTS:
+            cos, sin = self.cos_sin(torch.arange(max_position, device=inv_freq.device))
+            sign = torch.cat((-torch.ones(half), torch.ones(half))).to(sin)
+            self.cos_table, self.sin_table = cos.contiguous(), (sin * sign).contiguous()
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [T, H_kv, r] (each half repeated)."""
@@ -37,6 +53,8 @@ class ThinRotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cos_table is not None and q.dtype == torch.float32:
+            return self._forward_cached(positions, q, k)
         t = positions.shape[0]
         cos, sin = self.cos_sin(positions)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
@@ -45,3 +63,17 @@ class ThinRotaryEmbedding(nn.Module):
         q4 = q.view(t, self.num_kv_heads, self.group, self.rank)
         q4 = q4 * cos[:, :, None] + rotate_half(q4) * sin[:, :, None]
         return q4.reshape(q.shape), k3.reshape(k.shape)
+
+    def _forward_cached(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cos_table.device != q.device:
+            self.cos_table, self.sin_table = self.cos_table.to(q.device), self.sin_table.to(q.device)
+            self.perm = self.perm.to(q.device)
+        t = positions.shape[0]
+        cos = self.cos_table.index_select(0, positions)          # [T, H_kv, r]
+        sin = self.sin_table.index_select(0, positions)          # sign of rotate_half folded in
+        k3 = k.view(t, self.num_kv_heads, self.rank)
+        k_out = (k3 * cos).addcmul_(k3.index_select(-1, self.perm), sin)
+        q4 = q.view(t, self.num_kv_heads, self.group, self.rank)
+        q_out = (q4 * cos[:, :, None]).addcmul_(q4.index_select(-1, self.perm), sin[:, :, None])
+        return q_out.view(q.shape), k_out.view(k.shape)

@@ -103,9 +103,15 @@ def split() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     return ([a for a in arts if not is_eval_article(a[0])], [a for a in arts if is_eval_article(a[0])])
 
 
+_STREAMS: dict[tuple[str, int, str], list[int]] = {}
+
+
 def token_stream(tokenizer, which: str) -> list[int]:
     """All articles of one split ('calibration' or 'evaluation') tokenized and concatenated,
     each article preceded by BOS (when the tokenizer has one) and separated by EOS."""
+    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), which)
+    if key in _STREAMS:
+        return _STREAMS[key]
     cal, ev = split()
     arts = cal if which == "calibration" else ev
     ids: list[int] = []
@@ -115,4 +121,5 @@ def token_stream(tokenizer, which: str) -> list[int]:
         ids.extend(tokenizer(f"{title}\n\n{body}", add_special_tokens=False)["input_ids"])
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
+    _STREAMS[key] = ids
     return ids

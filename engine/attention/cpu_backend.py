@@ -183,11 +183,17 @@ class ThinKeyCPUImpl(AttentionImpl[ThinKeyCPUMetadata]):
         if n and bool((slot_mapping < 0).any()):
             keep = slot_mapping >= 0
             slot_mapping, key, value = slot_mapping[keep], key[keep], value[keep]
-        bs = kv_cache.shape[2]
-        blk, off = slot_mapping.long() // bs, slot_mapping.long() % bs
-        r = self.head_size
-        kv_cache[blk, :, off, :r] = key.to(kv_cache.dtype)
-        kv_cache[blk, :, off, r:] = value.to(kv_cache.dtype)
+        nb, h_kv, bs, c = kv_cache.shape
+        slot = slot_mapping.long()
+        if not kv_cache.is_contiguous():
+            r = self.head_size
+            kv_cache[slot // bs, :, slot % bs, :r] = key.to(kv_cache.dtype)
+            kv_cache[slot // bs, :, slot % bs, r:] = value.to(kv_cache.dtype)
+            return
+        # flat row of (token, head) in kv_cache.view(-1, r + D): (blk * H_kv + h) * bs + off
+        rows = ((slot // bs * h_kv)[:, None] + torch.arange(h_kv)) * bs + (slot % bs)[:, None]
+        packed = torch.cat((key, value.to(key.dtype)), dim=-1).to(kv_cache.dtype)
+        kv_cache.view(nb * h_kv * bs, c).index_copy_(0, rows.reshape(-1), packed.reshape(-1, c))
 
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,
                 value: torch.Tensor, kv_cache: torch.Tensor,

@@ -26,6 +26,12 @@ from engine.models.thin_attention import factored_keys, local_inv_freq, local_kv
 from engine.rotary import ThinRotaryEmbedding
 
 
+def _max_model_len() -> int | None:
+    from vllm.config import get_current_vllm_config
+    mc = get_current_vllm_config().model_config
+    return getattr(mc, "max_model_len", None) if mc is not None else None
+
+
 class FactoredLlamaAttention(nn.Module):
     """Self-attention with r-dim queries/keys and D-dim values (same signature as LlamaAttention)."""
 
@@ -60,7 +66,8 @@ class FactoredLlamaAttention(nn.Module):
             input_size=num_heads * self.head_dim, output_size=hidden_size, bias=bias_o_proj,
             quant_config=quant_config, prefix=f"{prefix}.o_proj")
         self.rotary_emb = ThinRotaryEmbedding(local_inv_freq(fk, layer, kv_heads), self.num_heads,
-                                              fk.rotary_attention_scaling)
+                                              fk.rotary_attention_scaling,
+                                              max_position=_max_model_len())
         self.attn = Attention(
             self.num_heads, self.rank, fk.softmax_scale, num_kv_heads=self.num_kv_heads,
             cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.attn",

@@ -6,9 +6,11 @@
 //   seq_lens     [B]                  int32
 //   out          [B, H, D]            float32
 //
-// One task per (request, KV head): scores for one block at a time, then an online-softmax
-// update of the G = H / H_kv query heads' accumulators. Each cached row is read once.
+// One task per (request, KV head, split of its blocks): scores for one block at a time, then
+// an online-softmax update of the G = H / H_kv query heads' accumulators; splits are merged by
+// their log-sum-exp weights. Each cached row is read once.
 #include <torch/extension.h>
+#include <omp.h>
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -31,52 +33,97 @@ void thin_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tensor block_ta
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
 
+  // Split each (request, KV head) over its blocks when there are too few of them to keep
+  // every thread busy (small batches, long contexts); partial results merge below.
+  const int64_t units = B * Hkv;
+  const int64_t threads = omp_get_max_threads();
+  const int64_t max_blocks = block_table.size(1);
+  int64_t splits = 1;
+  if (units < 4 * threads) splits = std::min<int64_t>(std::max<int64_t>(max_blocks, 1),
+                                                     (4 * threads + units - 1) / units);
+  std::vector<float> part_m(units * splits * G), part_l(units * splits * G),
+      part_acc(units * splits * G * D);
+
 #pragma omp parallel
   {
-    std::vector<float> scores(G * bs), acc(G * D), m(G), l(G);
-#pragma omp for collapse(2) schedule(dynamic, 1)
+    std::vector<float> scores(G * bs);
+#pragma omp for collapse(3) schedule(dynamic, 1)
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t h = 0; h < Hkv; ++h) {
-        const int64_t len = slp[b];
-        const float* qh = qp + (b * H + h * G) * r;   // G consecutive query heads
-        std::fill(acc.begin(), acc.end(), 0.f);
-        std::fill(m.begin(), m.end(), -INFINITY);
-        std::fill(l.begin(), l.end(), 0.f);
-        for (int64_t start = 0; start < len; start += bs) {
-          const int64_t n = std::min(bs, len - start);
-          const float* base = kvp + static_cast<int64_t>(btp[b * bt_stride + start / bs]) * s0 + h * s1;
-          for (int64_t g = 0; g < G; ++g) {
-            const float* qg = qh + g * r;
-            float* sg = scores.data() + g * bs;
-            float mx = m[g];
+        for (int64_t sp = 0; sp < splits; ++sp) {
+          const int64_t len = slp[b];
+          const int64_t nblk = (len + bs - 1) / bs;
+          const int64_t blk_lo = nblk * sp / splits, blk_hi = nblk * (sp + 1) / splits;
+          const int64_t slot = ((b * Hkv + h) * splits + sp) * G;
+          float* m = part_m.data() + slot;
+          float* l = part_l.data() + slot;
+          float* acc = part_acc.data() + slot * D;
+          const float* qh = qp + (b * H + h * G) * r;   // the G query heads of this KV head
+          std::fill(acc, acc + G * D, 0.f);
+          std::fill(m, m + G, -INFINITY);
+          std::fill(l, l + G, 0.f);
+          for (int64_t blk = blk_lo; blk < blk_hi; ++blk) {
+            const int64_t start = blk * bs;
+            const int64_t n = std::min(bs, len - start);
+            const float* base = kvp + static_cast<int64_t>(btp[b * bt_stride + blk]) * s0 + h * s1;
+            // scores of the G query heads against this block's keys (each key row read once)
             for (int64_t t = 0; t < n; ++t) {
               const float* k = base + t * s2;
-              float s = 0.f;
-              for (int64_t i = 0; i < r; ++i) s += qg[i] * k[i];
-              s *= fscale;
-              sg[t] = s;
-              mx = std::max(mx, s);
+              for (int64_t g = 0; g < G; ++g) {
+                const float* qg = qh + g * r;
+                float s = 0.f;
+#pragma omp simd reduction(+ : s)
+                for (int64_t i = 0; i < r; ++i) s += qg[i] * k[i];
+                scores[g * bs + t] = s * fscale;
+              }
             }
-            const float corr = std::exp(m[g] - mx);
-            float* ag = acc.data() + g * D;
-            float lsum = l[g] * corr;
-            for (int64_t d = 0; d < D; ++d) ag[d] *= corr;
+            for (int64_t g = 0; g < G; ++g) {
+              float mx = m[g];
+              for (int64_t t = 0; t < n; ++t) mx = std::max(mx, scores[g * bs + t]);
+              const float corr = std::exp(m[g] - mx);
+              float* ag = acc + g * D;
+#pragma omp simd
+              for (int64_t d = 0; d < D; ++d) ag[d] *= corr;
+              l[g] *= corr;
+              m[g] = mx;
+              for (int64_t t = 0; t < n; ++t) scores[g * bs + t] = std::exp(scores[g * bs + t] - mx);
+            }
+            // values: each row read once, accumulated into the G heads
             for (int64_t t = 0; t < n; ++t) {
-              const float p = std::exp(sg[t] - mx);
-              lsum += p;
               const float* v = base + t * s2 + r;
-              for (int64_t d = 0; d < D; ++d) ag[d] += p * v[d];
+              for (int64_t g = 0; g < G; ++g) {
+                const float p = scores[g * bs + t];
+                l[g] += p;
+                float* ag = acc + g * D;
+#pragma omp simd
+                for (int64_t d = 0; d < D; ++d) ag[d] += p * v[d];
+              }
             }
-            m[g] = mx;
-            l[g] = lsum;
           }
         }
-        for (int64_t g = 0; g < G; ++g) {
-          float* o = op + (b * H + h * G + g) * D;
-          const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
-          for (int64_t d = 0; d < D; ++d) o[d] = acc[g * D + d] * inv;
-        }
       }
+    }
+  }
+
+  // Merge the splits: out = sum_s e^{m_s - M} acc_s / sum_s e^{m_s - M} l_s.
+#pragma omp parallel for collapse(2)
+  for (int64_t u = 0; u < units; ++u) {
+    for (int64_t g = 0; g < G; ++g) {
+      float mx = -INFINITY;
+      for (int64_t sp = 0; sp < splits; ++sp) mx = std::max(mx, part_m[(u * splits + sp) * G + g]);
+      float denom = 0.f;
+      float* o = op + (u * G + g) * D;   // u = b * Hkv + h, query head = h * G + g
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+      for (int64_t sp = 0; sp < splits; ++sp) {
+        const int64_t idx = (u * splits + sp) * G + g;
+        if (part_l[idx] == 0.f) continue;
+        const float w = std::exp(part_m[idx] - mx);
+        denom += w * part_l[idx];
+        const float* a = part_acc.data() + idx * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * a[d];
+      }
+      const float inv = denom > 0.f ? 1.f / denom : 0.f;
+      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
     }
   }
 }
