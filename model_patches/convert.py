@@ -188,6 +188,9 @@ def convert(src: str | Path, dst: str | Path, *, key_rank: int | None = None,
         block["method"] = f"{method}+calibrated"
         block["calibration"] = report
     write_factored(src, dst, cfg=cfg, family=family, state=state, block=block, force=force)
+    if calibrate:
+        from model_patches.calibrate import cleanup
+        cleanup(dst)
     fk = FactoredKeysConfig.from_hf_config(json.loads((dst / "config.json").read_text()))
     return ConvertSummary(dst, list(fk.ranks), d, 2 * fk.kv_elements_per_token(),
                           2 * fk.baseline_kv_elements_per_token())

@@ -1,0 +1,198 @@
+"""QK-only calibration of thin projections: sequential layer-wise attention-output matching.
+
+For layer l, with x_l the STUDENT's own hidden state at that layer (so errors of earlier
+layers are seen and compensated), n_l = norm(x_l):
+
+    target_l = W_o · Attn_source(W_q n_l, W_k n_l, W_v n_l)          (original q/k, RoPE)
+    min over thin W_q', W_k':  ‖W_o · Attn_thin(W_q' n_l, W_k' n_l, W_v n_l) − target_l‖²
+
+Only the thin query/key projections are trained (values, output projection, norms and MLPs
+keep the source's weights); the RoPE table of the thin dims stays the initialisation's.
+Then x_{l+1} = the student's full layer applied to x_l. Text: the calibration split of
+model_patches.wiki_data (disjoint from evaluation). After each layer the progress is saved
+next to the destination (`.<dst>.calib/`), so an interrupted run resumes where it stopped.
+Runs on CUDA when available.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from engine.checkpoint import model_dims
+from engine.rotary import ThinRotaryEmbedding
+
+DEFAULTS = {"tokens": 64 * 256, "seq_len": 256, "steps": 150, "batch": 8, "lr": 2e-3}
+
+
+def _attn(q, k, v, n_heads, n_kv, r, d, scale, rope, pos):
+    """q [B, T, H*r], k [B, T, H_kv*r], v [B, T, H_kv*D] -> [B, T, H*D] (causal, GQA)."""
+    b, t, _ = q.shape
+    if rope is not None:
+        qf, kf = rope(pos.repeat(b), q.reshape(b * t, -1), k.reshape(b * t, -1))
+        q, k = qf.view(b, t, -1), kf.view(b, t, -1)
+    q = q.view(b, t, n_heads, r).transpose(1, 2)
+    k = k.view(b, t, n_kv, r).transpose(1, 2)
+    v = v.view(b, t, n_kv, d).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                       enable_gqa=n_heads != n_kv)
+    return o.transpose(1, 2).reshape(b, t, n_heads * d)
+
+
+class _Layer:
+    """Uniform access to one source decoder layer (Llama or GPT-2 family)."""
+
+    def __init__(self, model, family: str, i: int, hidden: int):
+        self.family = family
+        if family == "llama":
+            L = model.model.layers[i]
+            self.norm1, self.norm2, self.mlp = L.input_layernorm, L.post_attention_layernorm, L.mlp
+            a = L.self_attn
+            self.wq, self.wk, self.wv = a.q_proj.weight, a.k_proj.weight, a.v_proj.weight
+            self.bv = a.v_proj.bias
+            self.out = a.o_proj
+        else:
+            L = model.transformer.h[i]
+            self.norm1, self.norm2, self.mlp = L.ln_1, L.ln_2, L.mlp
+            w, bias = L.attn.c_attn.weight.T, L.attn.c_attn.bias
+            self.wq, self.wk, self.wv = w[:hidden], w[hidden:2 * hidden], w[2 * hidden:]
+            self.bq, self.bk, self.bv = bias[:hidden], bias[hidden:2 * hidden], bias[2 * hidden:]
+            self.out = L.attn.c_proj
+
+    def mlp_block(self, x):
+        return x + self.mlp(self.norm2(x))
+
+
+def _prefix(family: str, i: int) -> str:
+    return f"transformer.h.{i}.attn" if family == "gpt2" else f"model.layers.{i}.self_attn"
+
+
+def _thin_names(family: str, i: int) -> tuple[str, ...]:
+    p = _prefix(family, i)
+    return (f"{p}.q_proj.weight", f"{p}.k_proj.weight", f"{p}.q_proj.bias")
+
+
+def _fingerprint(src: Path, block: dict, settings: dict) -> str:
+    h = hashlib.sha256(json.dumps([str(src.resolve()), block, settings], sort_keys=True,
+                                  default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, torch.Tensor],
+                      block: dict, dst: str | Path, progress: bool = True,
+                      **settings) -> tuple[dict[str, torch.Tensor], dict]:
+    """Return (state with calibrated thin q/k weights, a JSON-able report)."""
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.checkpoint import FactoredKeysConfig
+    from model_patches.factored_checkpoint import source_inv_freq
+    from model_patches.wiki_data import token_stream
+
+    opts = {**DEFAULTS, **settings}
+    src, dst = Path(src), Path(dst)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    n_layers, h, h_kv, d, hidden = model_dims(cfg)
+    fk = FactoredKeysConfig.from_hf_config({**cfg, "factored_keys": block})
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).to(dev).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tok = AutoTokenizer.from_pretrained(str(src))
+    seq = opts["seq_len"]
+    ids = torch.tensor(token_stream(tok, "calibration")[: opts["tokens"]])
+    ids = ids[: len(ids) // seq * seq].view(-1, seq).to(dev)
+    pos = torch.arange(seq, device=dev)
+    src_rope = None
+    if family == "llama":
+        inv, scaling = source_inv_freq(cfg)
+        src_rope = ThinRotaryEmbedding(inv[None].expand(h_kv, -1).double(), h, scaling).to(dev)
+    scale = fk.softmax_scale
+
+    work = dst.parent / f".{dst.name}.calib"
+    fp = _fingerprint(src, block, opts)
+    state = dict(state)
+    start, x, losses = 0, None, []
+    if (work / "progress.pt").exists():
+        saved = torch.load(work / "progress.pt", map_location=dev)
+        if saved.get("fingerprint") == fp:
+            start, x, losses = saved["layer"], saved["x"], saved["losses"]
+            state.update({k: v for k, v in saved["weights"].items()})
+    work.mkdir(parents=True, exist_ok=True)
+    if x is None:
+        with torch.no_grad():
+            if family == "llama":
+                x = model.model.embed_tokens(ids)
+            else:
+                x = model.transformer.wte(ids) + model.transformer.wpe(pos)[None]
+
+    t0 = time.time()
+    bar = tqdm(range(start, n_layers), desc="calibrating thin q/k", unit="layer",
+               disable=not progress, initial=start, total=n_layers)
+    for i in bar:
+        L = _Layer(model, family, i, hidden)
+        r = fk.ranks[i]
+        p = _prefix(family, i)
+        rope = None
+        if fk.inv_freq is not None:
+            rope = ThinRotaryEmbedding(fk.inv_freq[i], h, fk.rotary_attention_scaling).to(dev)
+        with torch.no_grad():
+            n = L.norm1(x)
+            v = F.linear(n, L.wv, L.bv)
+            tq = F.linear(n, L.wq, getattr(L, "bq", None))
+            tk = F.linear(n, L.wk, getattr(L, "bk", None))
+            target = L.out(_attn(tq, tk, v, h, h_kv, d, d, scale, src_rope, pos))
+        wq = state[f"{p}.q_proj.weight"].clone().to(dev).requires_grad_(True)
+        wk = state[f"{p}.k_proj.weight"].clone().to(dev).requires_grad_(True)
+        bq = state.get(f"{p}.q_proj.bias")
+        bq = None if bq is None else bq.clone().to(dev).requires_grad_(True)
+        params = [t for t in (wq, wk, bq) if t is not None]
+        opt = torch.optim.Adam(params, lr=opts["lr"])
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, opts["steps"])
+        gen = torch.Generator().manual_seed(i)
+        norm = target.pow(2).mean().clamp_min(1e-12)
+
+        def loss_on(idx):
+            out = L.out(_attn(F.linear(n[idx], wq, bq), F.linear(n[idx], wk), v[idx], h, h_kv,
+                              r, d, scale, rope, pos))
+            return (out - target[idx]).pow(2).mean() / norm
+
+        with torch.no_grad():
+            before = loss_on(torch.arange(len(ids), device=dev)).item()
+        for _ in range(opts["steps"]):
+            idx = torch.randperm(len(ids), generator=gen)[: opts["batch"]].to(dev)
+            loss = loss_on(idx)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        with torch.no_grad():
+            after = loss_on(torch.arange(len(ids), device=dev)).item()
+            state[f"{p}.q_proj.weight"] = wq.detach().cpu()
+            state[f"{p}.k_proj.weight"] = wk.detach().cpu()
+            if bq is not None:
+                state[f"{p}.q_proj.bias"] = bq.detach().cpu()
+            attn = L.out(_attn(F.linear(n, wq, bq), F.linear(n, wk), v, h, h_kv, r, d, scale,
+                               rope, pos))
+            x = L.mlp_block(x + attn)
+        losses.append({"layer": i, "relative_mse_before": before, "relative_mse_after": after})
+        bar.set_postfix(rel_mse=f"{before:.3f}->{after:.3f}")
+        weights = {k: state[k] for li in range(i + 1) for k in _thin_names(family, li) if k in state}
+        torch.save({"fingerprint": fp, "layer": i + 1, "x": x, "losses": losses,
+                    "weights": weights}, work / "progress.pt")
+    report = {"recipe": "sequential layer-wise attention-output matching, QK only",
+              "tokens": int(ids.numel()), "seq_len": seq, "steps_per_layer": opts["steps"],
+              "batch": opts["batch"], "lr": opts["lr"], "device": str(dev),
+              "seconds": round(time.time() - t0, 1), "layers": losses}
+    return state, report
+
+
+def cleanup(dst: str | Path) -> None:
+    """Remove the resumable progress of a finished calibration."""
+    import shutil
+    dst = Path(dst)
+    shutil.rmtree(dst.parent / f".{dst.name}.calib", ignore_errors=True)

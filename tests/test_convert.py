@@ -1,0 +1,160 @@
+"""`factorkv convert`: exactness where the math says exact, serving, calibration, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine.reference import FactoredReference
+from model_patches.convert import convert
+from tests.engine_utils import ROOT, run_vllm
+
+VOCAB = 49152          # the default model's tokenizer, so the converter reads real text
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def _with_tokenizer(path, default_model_dir):
+    for f in TOKENIZER_FILES:
+        if (default_model_dir / f).exists():
+            shutil.copy(default_model_dir / f, path / f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sources(default_model_dir, tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    root = tmp_path_factory.mktemp("convert-src")
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)).eval()
+    llama.save_pretrained(root / "llama")
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
+                                      n_positions=1024, bos_token_id=1, eos_token_id=2)).eval()
+    with torch.no_grad():   # make every key head exactly rank 4: W_k^h = A_h B_h
+        w = gpt2.transformer.h[0].attn.c_attn.weight       # Conv1D [in, 3*out]
+        for layer in gpt2.transformer.h:
+            w = layer.attn.c_attn.weight
+            for hh in range(4):
+                cols = slice(64 + hh * 16, 64 + (hh + 1) * 16)
+                w[:, cols] = torch.randn(64, 4) @ torch.randn(4, 16) * 0.3
+    gpt2.save_pretrained(root / "gpt2_rank4")
+    return {"llama": _with_tokenizer(root / "llama", default_model_dir),
+            "gpt2": _with_tokenizer(root / "gpt2_rank4", default_model_dir)}
+
+
+def _logits(path, ids):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(str(path)).eval()(ids[None]).logits[0]
+
+
+IDS = torch.randint(100, VOCAB, (48,), generator=torch.Generator().manual_seed(3))
+SMALL = dict(stat_tokens=4 * 512, progress=False)
+
+
+@pytest.mark.parametrize("init", ["best-pairs", "partial-rope"])
+def test_full_rank_conversion_reproduces_llama(sources, tmp_path, init):
+    convert(sources["llama"], tmp_path / "fr", key_rank=16, init=init, **SMALL)
+    diff = (FactoredReference(tmp_path / "fr")(IDS) - _logits(sources["llama"], IDS)).abs().max()
+    assert diff < 1e-4
+
+
+def test_no_rope_rank_r_keys_convert_exactly(sources, tmp_path):
+    """GPT-2 without RoPE, key heads of rank 4: conversion at r = 4 is exact algebra."""
+    s = convert(sources["gpt2"], tmp_path / "r4", key_rank=4, **SMALL)
+    assert s.ranks == [4, 4]
+    diff = (FactoredReference(tmp_path / "r4")(IDS) - _logits(sources["gpt2"], IDS)).abs().max()
+    assert diff < 1e-3
+
+
+@pytest.mark.slow
+def test_converted_models_serve_through_engine(sources, tmp_path):
+    for name, rank in (("llama", 8), ("gpt2", 4)):
+        dst = convert(sources[name], tmp_path / name, key_rank=rank, **SMALL).dst
+        prompt = IDS[:30].tolist()
+        out = run_vllm(dst, [[{"prompt": prompt, "max_tokens": 6}]], tmp_path,
+                       kv_cache_memory_bytes=32 << 20, block_size=16)
+        got = out["rounds"][0][0]["tokens"]
+        ref = FactoredReference(dst)(torch.tensor(prompt + got))
+        assert got == ref[len(prompt) - 1:-1].argmax(-1).tolist(), name
+
+
+@pytest.mark.slow
+def test_calibration_reduces_layer_error_and_resumes(sources, tmp_path):
+    cal = {"tokens": 8 * 64, "seq_len": 64, "steps": 25, "batch": 4}
+    s = convert(sources["llama"], tmp_path / "cal", key_rank=4, init="best-pairs",
+                calibrate=True, calibration=cal, **SMALL)
+    cfg = json.loads((s.dst / "config.json").read_text())
+    layers = cfg["factored_keys"]["calibration"]["layers"]
+    assert cfg["factored_keys"]["method"] == "best-pairs+calibrated"
+    assert all(x["relative_mse_after"] < x["relative_mse_before"] for x in layers)
+    assert not (tmp_path / ".cal.calib").exists()          # progress removed when done
+    # resume: a progress file for layer 1 is picked up (same fingerprint) and finishes the rest
+    from model_patches import calibrate as C
+    calls = []
+    real = C._Layer
+
+    class Spy(real):
+        def __init__(self, model, family, i, hidden):
+            calls.append(i)
+            super().__init__(model, family, i, hidden)
+    C._Layer = Spy
+    try:
+        orig_save = torch.save
+
+        def stop_after_first(obj, f, *a, **k):
+            orig_save(obj, f, *a, **k)
+            if isinstance(obj, dict) and obj.get("layer") == 1:
+                raise KeyboardInterrupt
+        torch.save = stop_after_first
+        with pytest.raises(KeyboardInterrupt):
+            convert(sources["llama"], tmp_path / "cal2", key_rank=4, init="best-pairs",
+                    calibrate=True, calibration=cal, **SMALL)
+        torch.save = orig_save
+        assert not (tmp_path / "cal2").exists()              # nothing that looks like a model
+        convert(sources["llama"], tmp_path / "cal2", key_rank=4, init="best-pairs",
+                calibrate=True, calibration=cal, **SMALL)
+    finally:
+        torch.save = orig_save
+        C._Layer = real
+    assert calls == [0, 1]                                    # layer 0 was not redone
+    assert (tmp_path / "cal2" / "config.json").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--key-rank", "32"], "outside"),                  # head_dim is 16
+    (["--key-rank", "5"], "odd"),
+    (["--key-cache-ratio", "0"], "key-cache-ratio"),
+])
+def test_bad_arguments_one_line_exit_2(sources, tmp_path, args, needle):
+    dst = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "server.cli", "convert", str(sources["llama"]),
+                           str(dst), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr
+    assert not dst.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_unsupported_or_unreadable_source(tmp_path, sources):
+    bad = tmp_path / "bert"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    trunc = tmp_path / "trunc"
+    shutil.copytree(sources["llama"], trunc)
+    data = (trunc / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(data[: len(data) // 3])
+    for src, needle in ((bad, "unsupported architecture"), (tmp_path / "missing", "config.json"),
+                        (trunc, "unreadable")):
+        proc = subprocess.run([sys.executable, "-m", "server.cli", "convert", str(src),
+                               str(tmp_path / "o"), "--key-rank", "8"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "o").exists()
