@@ -35,6 +35,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("serve", "server.serve"),
     ("prepare", "server.prepare_cmd"),
     ("convert", "server.convert_cmd"),
+    ("capacity", "server.capacity_cmd"),
 ]
 
 

@@ -116,6 +116,8 @@ def install_factorkv_extensions(app: FastAPI, engine_client: Any) -> None:
     """Called by `factorkv serve` right after vLLM's init_app_state (before serving)."""
     from vllm.v1.metrics.prometheus import get_prometheus_registry
 
+    import server.kv_metrics  # noqa: F401  (registers /v1/kv-cache, the KV gauges, the log line)
+
     app.include_router(router)
     for r in _extra_routers:
         app.include_router(r)
