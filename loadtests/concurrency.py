@@ -64,6 +64,7 @@ class PointResult:
     peak_waiting: float = 0.0
     peak_kv_usage: float = 0.0
     preemptions: float = 0.0
+    saturated_tok_s: float | None = None   # generation tok/s while requests were waiting
     ttft_p50: float | None = None
     ttft_p99: float | None = None
     tpot_p50: float | None = None
@@ -155,8 +156,9 @@ def _parse_metrics(text: str) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
     wanted = {"vllm:num_requests_running", "vllm:num_requests_waiting",
-              "vllm:kv_cache_usage_perc", "vllm:num_preemptions_total"}
-    out: dict[str, float] = {}
+              "vllm:kv_cache_usage_perc", "vllm:num_preemptions_total",
+              "vllm:generation_tokens_total"}
+    out: dict[str, float] = {"t": time.perf_counter()}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             if s.name in wanted:
@@ -221,6 +223,7 @@ async def run_point(url: str, model: str, label: str, users: int, requests_per_u
     pr.mean_running = statistics.fmean(running) if running else 0.0
     pr.peak_waiting = max((s.get("vllm:num_requests_waiting", 0.0) for s in samples), default=0.0)
     pr.peak_kv_usage = max((s.get("vllm:kv_cache_usage_perc", 0.0) for s in samples), default=0.0)
+    pr.saturated_tok_s = saturated_throughput(samples)
     pr.preemptions = after.get("vllm:num_preemptions_total", 0.0) - before.get("vllm:num_preemptions_total", 0.0)
     ttft = [r.ttft for r in ok if r.ttft is not None]
     tpot = [r.tpot for r in ok if r.tpot is not None]
@@ -229,6 +232,17 @@ async def run_point(url: str, model: str, label: str, users: int, requests_per_u
     pr.mean_prompt_tokens = statistics.fmean([r.prompt_tokens for r in ok]) if ok else 0.0
     pr.errors = sorted({r.error for r in results if not r.ok})[:5]
     return pr
+
+
+def saturated_throughput(samples: list[dict]) -> float | None:
+    """Generated tokens/s over the sampling intervals during which requests were waiting
+    (the KV cache was full), from vllm:generation_tokens_total; None if never saturated."""
+    tokens = seconds = 0.0
+    for a, b in zip(samples, samples[1:]):
+        if a.get("vllm:num_requests_waiting", 0) > 0 and b.get("vllm:num_requests_waiting", 0) > 0:
+            tokens += b.get("vllm:generation_tokens_total", 0) - a.get("vllm:generation_tokens_total", 0)
+            seconds += b["t"] - a["t"]
+    return tokens / seconds if seconds >= 5 else None
 
 
 async def _fetch_metrics(session, url: str) -> dict[str, float]:
@@ -266,9 +280,9 @@ def write_report(runs: list[dict], args, out_dir: Path, command: str, load: tupl
     import platform
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "concurrency.json").write_text(json.dumps(
+    (out_dir / f"{args.name}.json").write_text(json.dumps(
         {"command": command, "runs": runs, "load_average": load}, indent=1))
-    plots = plot(runs, out_dir)
+    plots = plot(runs, out_dir, args.name)
     lines = ["# Concurrency under a fixed KV budget", "",
              f"Command: `{command}`", "",
              f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), 1-minute load average "
@@ -284,14 +298,16 @@ def write_report(runs: list[dict], args, out_dir: Path, command: str, load: tupl
                      f"{(kv.get('budget_bytes') or kv['memory_bytes']) / 2**20:.0f} MiB | "
                      f"{kv['capacity_tokens']:,} | {kv['max_users_at_context']:.2f} |")
     lines += ["", "| model | offered users | requests | failed | peak running | mean running | "
-              "peak waiting | preemptions | output tok/s | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "peak waiting | preemptions | output tok/s | saturated tok/s | TTFT p50 / p99 (s) | "
+              "TPOT p50 / p99 (ms) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
         for p in run["points"]:
             lines.append(
                 f"| {run['label']} | {p['users']} | {p['requests']} | {p['failed']} | "
                 f"{p['peak_running']:.0f} | {p['mean_running']:.1f} | {p['peak_waiting']:.0f} | "
-                f"{p['preemptions']:.0f} | {p['output_tok_s']:.1f} | {_f(p['ttft_p50'])} / {_f(p['ttft_p99'])} | "
+                f"{p['preemptions']:.0f} | {p['output_tok_s']:.1f} | {_f(p['saturated_tok_s'])} | "
+                f"{_f(p['ttft_p50'])} / {_f(p['ttft_p99'])} | "
                 f"{_f(p['tpot_p50'], 1000)} / {_f(p['tpot_p99'], 1000)} |")
     if len(runs) == 2:
         base, thin = runs
@@ -299,6 +315,8 @@ def write_report(runs: list[dict], args, out_dir: Path, command: str, load: tupl
         pr_t = max(p["peak_running"] for p in thin["points"])
         tp_b = max(p["output_tok_s"] for p in base["points"])
         tp_t = max(p["output_tok_s"] for p in thin["points"])
+        sat = [(p, q) for p in base["points"] for q in thin["points"] if p["users"] == q["users"]
+               and p["saturated_tok_s"] and q["saturated_tok_s"]]
         failed = sum(p["failed"] for r in runs for p in r["points"])
         lines += ["", "## Ratios (factored / baseline, same run)", "",
                   f"- KV capacity: {thin['kv']['capacity_tokens'] / base['kv']['capacity_tokens']:.3f}x tokens",
@@ -306,10 +324,13 @@ def write_report(runs: list[dict], args, out_dir: Path, command: str, load: tupl
                   f"**{pr_t / pr_b:.2f}x** (target ≥ 1.55x)" if pr_b else "- peak running: n/a",
                   f"- output throughput at saturation (best point): {tp_t:.1f} / {tp_b:.1f} tok/s = "
                   f"**{tp_t / tp_b:.2f}x** (target ≥ 1.3x)" if tp_b else "- throughput: n/a",
+                  *[f"- generation tok/s while the baseline's cache was full and requests waited, "
+                    f"N={p['users']}: {q['saturated_tok_s']:.1f} / {p['saturated_tok_s']:.1f} = "
+                    f"{q['saturated_tok_s'] / p['saturated_tok_s']:.2f}x" for p, q in sat],
                   f"- failed requests: {failed}"]
     lines += ["", "Plots: " + ", ".join(f"[{p.name}]({p.name})" for p in plots), ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
-    report = out_dir / "concurrency.md"
+    report = out_dir / f"{args.name}.md"
     report.write_text("\n".join(lines) + "\n")
     return report
 
@@ -318,16 +339,16 @@ def _f(v: float | None, scale: float = 1.0) -> str:
     return "-" if v is None else f"{v * scale:.2f}" if scale == 1.0 else f"{v * scale:.0f}"
 
 
-def plot(runs: list[dict], out_dir: Path) -> list[Path]:
+def plot(runs: list[dict], out_dir: Path, name: str = "concurrency") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    specs = [("concurrency_running.png", "Concurrently running requests", "peak_running", 1.0,
+    specs = [(f"{name}_running.png", "Concurrently running requests", "peak_running", 1.0,
               "peak running requests"),
-             ("concurrency_throughput.png", "Output throughput", "output_tok_s", 1.0, "output tokens/s"),
-             ("concurrency_latency.png", "Latency (p50)", "ttft_p50", 1.0, "TTFT p50 (s)")]
+             (f"{name}_throughput.png", "Output throughput", "output_tok_s", 1.0, "output tokens/s"),
+             (f"{name}_latency.png", "Latency (p50)", "ttft_p50", 1.0, "TTFT p50 (s)")]
     paths = []
     for fname, title, key, scale, ylabel in specs:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -376,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "docs" / "results"), help="report directory")
+    ap.add_argument("--name", default="concurrency", help="report file stem (NAME.md, NAME.json, NAME_*.png)")
     args = ap.parse_args(argv)
     args.user_counts = [int(x) for x in args.users.split(",") if x.strip()]
     if not args.user_counts or min(args.user_counts) < 1:
