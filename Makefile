@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.factorkv-installed-$(VLLM_EXTRA)
 
-.PHONY: install serve test prepare bench clean-venv
+.PHONY: install serve test prepare bench bench-concurrency bench-decode clean-venv
 
 install: $(STAMP)
 
@@ -41,6 +41,19 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Benchmarks (not tests; minutes to tens of minutes on 2 cores). Reports go to docs/results/.
+#   bench-concurrency: baseline vs r=16 factored default model under one KV budget
+#   bench-decode:      decode tokens/s, factored vs unmodified, same batch and context
+BENCH_CONCURRENCY_ARGS ?= --kv-cache-memory 1GiB --context 2048 --output-tokens 64 --users 4,8,16,24 --requests-per-user 2
+BENCH_DECODE_ARGS      ?= --rank 16 --batches 1,8,32 --contexts 512,2048 --new-tokens 32 --kv-cache-memory 4GiB
+bench: bench-concurrency bench-decode
+
+bench-concurrency: $(STAMP)
+	$(BIN)/python -m loadtests.concurrency $(BENCH_CONCURRENCY_ARGS)
+
+bench-decode: $(STAMP)
+	$(BIN)/python -m loadtests.decode_throughput $(BENCH_DECODE_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
