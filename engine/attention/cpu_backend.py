@@ -216,12 +216,13 @@ class ThinKeyCPUImpl(AttentionImpl[ThinKeyCPUMetadata]):
             q, k = query[p.q_start:p.q_end].transpose(0, 1), g[..., :r]   # [H, Q, r], [H_kv, S, r]
             if pad > 0:
                 # Zero-padding q and k to D leaves every score q·k unchanged, and lets torch
-                # pick its fused (flash) CPU kernel, which needs equal q/k/v head sizes:
-                # ~4x faster than the unfused path at 2k tokens (docs/engine.md).
+                # pick its fused (flash) CPU kernel, which needs equal q/k/v head sizes
+                # and 4-D inputs; otherwise it materialises the [H, Q, S] scores
+                # (~6x slower at 2k tokens, docs/engine.md).
                 q, k = F.pad(q, (0, pad)), F.pad(k, (0, pad))
             out = F.scaled_dot_product_attention(
-                q, k, g[..., r:], attn_mask=p.mask, is_causal=p.mask is None,
-                scale=self.scale, enable_gqa=self.group > 1)        # [H, Q, D]
+                q[None], k[None], g[None, ..., r:], attn_mask=p.mask, is_causal=p.mask is None,
+                scale=self.scale, enable_gqa=self.group > 1)[0]     # [H, Q, D]
             output[p.q_start:p.q_end] = out.transpose(0, 1)
         return output
 
