@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.factorkv-installed-$(VLLM_EXTRA)
 
-.PHONY: install serve test prepare bench bench-concurrency bench-decode clean-venv
+.PHONY: install serve test prepare bench bench-concurrency bench-decode bench-quality clean-venv
 
 install: $(STAMP)
 
@@ -54,6 +54,13 @@ bench-concurrency: $(STAMP)
 
 bench-decode: $(STAMP)
 	$(BIN)/python -m loadtests.decode_throughput $(BENCH_DECODE_ARGS)
+
+# bench-quality: perplexity / passkey / chat of the default model at 50/75/87.5% key-cache cuts,
+# before and after calibration, one row through vLLM -> docs/results/quality.md (first run also
+# calibrates the variants; results are cached in ~/.cache/factorkv/quality).
+BENCH_QUALITY_ARGS ?=
+bench-quality: $(STAMP)
+	$(BIN)/factorkv eval $(BENCH_QUALITY_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -28,6 +28,9 @@ from engine.checkpoint import model_dims
 from engine.rotary import ThinRotaryEmbedding
 
 DEFAULTS = {"tokens": 64 * 256, "seq_len": 256, "steps": 150, "batch": 8, "lr": 2e-3}
+# Optional end-to-end pass after the layer-wise one (e2e_steps = 0: off).
+E2E_DEFAULTS = {"e2e_steps": 0, "e2e_seq_len": 256, "e2e_batch": 4, "e2e_lr": 1e-4,
+                "e2e_save_every": 10}
 
 
 def _attn(q, k, v, n_heads, n_kv, r, d, scale, rope, pos):
@@ -94,6 +97,7 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
     from model_patches.factored_checkpoint import source_inv_freq
     from model_patches.wiki_data import token_stream
 
+    e2e = {k: settings.pop(k) for k in list(settings) if k.startswith("e2e_")}
     opts = {**DEFAULTS, **settings}
     src, dst = Path(src), Path(dst)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -188,6 +192,83 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
               "tokens": int(ids.numel()), "seq_len": seq, "steps_per_layer": opts["steps"],
               "batch": opts["batch"], "lr": opts["lr"], "device": str(dev),
               "seconds": round(time.time() - t0, 1), "layers": losses}
+    if {**E2E_DEFAULTS, **e2e}["e2e_steps"] > 0:
+        del model
+        state, report["e2e"] = e2e_thin_qk(src, cfg, state, block, dst, progress=progress, **e2e)
+    return state, report
+
+
+def e2e_thin_qk(src: str | Path, cfg: dict, state: dict[str, torch.Tensor], block: dict,
+                dst: str | Path, progress: bool = True, **settings
+                ) -> tuple[dict[str, torch.Tensor], dict]:
+    """End-to-end QK-only distillation (Llama family): minimise KL(teacher || student) of the
+    next-token distributions on calibration windows; only the thin q/k weights are trained,
+    the teacher is the source model. Progress is saved every `e2e_save_every` steps next to
+    the destination and a re-run with the same settings resumes."""
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from model_patches.evaluate import ThinLM, load_checkpoint
+    from model_patches.wiki_data import token_stream
+
+    opts = {**E2E_DEFAULTS, **settings}
+    src, dst = Path(src), Path(dst)
+    if torch.cuda.is_available():
+        raise NotImplementedError("the end-to-end pass runs on CPU only for now")
+    src_cfg, src_sd = load_checkpoint(src)
+    teacher = ThinLM(src_cfg, src_sd).eval()
+    student = ThinLM({**cfg, "factored_keys": block, "architectures": ["FactoredLlamaForCausalLM"]},
+                     {**src_sd, **state}, trainable_qk=True)
+    tok = AutoTokenizer.from_pretrained(str(src))
+    seq, bsz, steps = opts["e2e_seq_len"], opts["e2e_batch"], opts["e2e_steps"]
+    stream = torch.tensor(token_stream(tok, "calibration"))
+    windows = stream[: len(stream) // seq * seq].view(-1, seq)
+    params = list(student.qk.parameters())
+    opt = torch.optim.Adam(params, lr=opts["e2e_lr"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    work = dst.parent / f".{dst.name}.calib"
+    work.mkdir(parents=True, exist_ok=True)
+    fp = _fingerprint(src, {k: v for k, v in block.items() if k != "calibration"},
+                      {**opts, "init": hashlib.sha256(b"".join(
+                          state[k].numpy().tobytes()[:4096] for k in sorted(state)
+                          if k.endswith(("q_proj.weight", "k_proj.weight")))).hexdigest()})
+    start, hist = 0, []
+    if (work / "e2e.pt").exists():
+        saved = torch.load(work / "e2e.pt")
+        if saved.get("fingerprint") == fp:
+            start, hist = saved["step"], saved["losses"]
+            with torch.no_grad():
+                for p, w in zip(params, saved["params"]):
+                    p.copy_(w)
+            opt.load_state_dict(saved["opt"])
+            sched.load_state_dict(saved["sched"])
+    gen = torch.Generator().manual_seed(1234)
+    order = torch.randperm(len(windows), generator=gen)
+    t0 = time.time()
+    bar = tqdm(range(start, steps), desc="end-to-end thin q/k", unit="step",
+               disable=not progress, initial=start, total=steps)
+    for step in bar:
+        idx = order[(torch.arange(bsz) + step * bsz) % len(windows)]
+        ids = windows[idx]
+        with torch.no_grad():
+            t_logp = torch.log_softmax(teacher(ids).float(), -1)
+        s_logp = torch.log_softmax(student(ids).float(), -1)
+        loss = F.kl_div(s_logp, t_logp, log_target=True, reduction="none").sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        hist.append(round(loss.item(), 5))
+        bar.set_postfix(kl=f"{loss.item():.4f}")
+        if (step + 1) % opts["e2e_save_every"] == 0 or step + 1 == steps:
+            torch.save({"fingerprint": fp, "step": step + 1, "losses": hist,
+                        "params": [p.detach().clone() for p in params],
+                        "opt": opt.state_dict(), "sched": sched.state_dict()}, work / "e2e.pt")
+    state = {**state, **student.thin_state()}
+    report = {"recipe": "end-to-end KL(teacher || student), QK only", "steps": steps,
+              "seq_len": seq, "batch": bsz, "lr": opts["e2e_lr"],
+              "tokens_seen": steps * seq * bsz, "seconds": round(time.time() - t0, 1),
+              "kl_first": hist[:5], "kl_last": hist[-5:]}
     return state, report
 
 
@@ -196,3 +277,26 @@ def cleanup(dst: str | Path) -> None:
     import shutil
     dst = Path(dst)
     shutil.rmtree(dst.parent / f".{dst.name}.calib", ignore_errors=True)
+
+
+def e2e_checkpoint(src: str | Path, ckpt: str | Path, dst: str | Path, progress: bool = True,
+                   force: bool = False, **settings) -> Path:
+    """Run the end-to-end pass on an existing factored checkpoint (e.g. a layer-wise calibrated
+    one) and write the result to dst (the layer-wise stage is not repeated)."""
+    from engine.checkpoint import BLOCK
+    from model_patches.evaluate import load_checkpoint
+    from model_patches.factored_checkpoint import write_factored
+
+    src, dst = Path(src), Path(dst)
+    fcfg, st = load_checkpoint(ckpt)
+    block = dict(fcfg[BLOCK])
+    cfg = json.loads((src / "config.json").read_text())
+    thin = {k: v for k, v in st.items() if k.endswith(("q_proj.weight", "k_proj.weight"))}
+    state, rep = e2e_thin_qk(src, cfg, thin, block, dst, progress=progress, **settings)
+    from engine.reference import load_state_dict
+    full = {**load_state_dict(src), **state}
+    block["method"] = f"{block['method']}+e2e"
+    block["calibration"] = {**(block.get("calibration") or {}), "e2e": rep}
+    write_factored(src, dst, cfg=cfg, family="llama", state=full, block=block, force=force)
+    cleanup(dst)
+    return dst

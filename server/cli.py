@@ -36,6 +36,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("prepare", "server.prepare_cmd"),
     ("convert", "server.convert_cmd"),
     ("capacity", "server.capacity_cmd"),
+    ("eval", "server.eval_cmd"),
 ]
 
 

@@ -1,0 +1,72 @@
+"""Prompt NLL of token windows through the served vLLM engine (in-process, eager, float32).
+
+    python -m model_patches.evaluate_vllm SPEC.json OUT.json
+
+SPEC: {"model": dir, "windows": [[ids]...], "engine": {extra LLM kwargs}}
+OUT:  {"nll": [[-logprob of token j | j = 1..ctx-1] per window], "seconds", "startup_s",
+       "kv_cache_tokens"}
+
+Run it in a fresh process (vLLM starts its own workers; the caller sets
+VLLM_ENABLE_V1_MULTIPROCESSING=0 to keep the engine in this process). Each window is one
+prompt with ``prompt_logprobs=0`` (the logprob of every prompt token) and one greedy output
+token; prefix caching is off (no window reuses another's blocks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def main(spec_path: str, out_path: str) -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    spec = json.loads(Path(spec_path).read_text())
+    windows = spec["windows"]
+    ctx = max(len(w) for w in windows)
+    engine = {"dtype": "float32", "enforce_eager": True, "skip_tokenizer_init": True,
+              "max_model_len": ctx + 8, "seed": 0, "enable_prefix_caching": False,
+              "kv_cache_memory_bytes": 1 << 30, **spec.get("engine", {})}
+    t0 = time.time()
+    llm = LLM(model=spec["model"], **engine)
+    startup = time.time() - t0
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+    t0 = time.time()
+    outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], params,
+                        use_tqdm=False)
+    nll = []
+    for w, o in zip(windows, outs):
+        lps = o.prompt_logprobs
+        nll.append([-lps[j][w[j]].logprob for j in range(1, len(w))])
+    cache = llm.llm_engine.vllm_config.cache_config
+    Path(out_path).write_text(json.dumps({
+        "nll": nll, "seconds": time.time() - t0, "startup_s": startup,
+        "kv_cache_tokens": (cache.num_gpu_blocks or 0) * cache.block_size}))
+
+
+def run(model: str | Path, windows: list[list[int]], work: Path, timeout: int = 3600,
+        **engine) -> dict:
+    """Run :func:`main` in a fresh Python process and return its output."""
+    work.mkdir(parents=True, exist_ok=True)
+    spec, out = work / "vllm-spec.json", work / "vllm-out.json"
+    spec.write_text(json.dumps({"model": str(model), "windows": windows, "engine": engine}))
+    out.unlink(missing_ok=True)
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "model_patches.evaluate_vllm", str(spec),
+                           str(out)], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0 or not out.exists():
+        tail = (proc.stderr or "")[-3000:]
+        raise RuntimeError(f"vLLM evaluation failed (rc={proc.returncode}):\n{tail}")
+    return json.loads(out.read_text())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

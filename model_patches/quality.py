@@ -1,0 +1,296 @@
+"""The quality benchmark of the default model's factored variants (`factorkv eval`).
+
+Variants (checkpoints under ``<work>/models/``, built on first use with the converter):
+  original      the prepared default model (SmolLM2-135M-Instruct, float32)
+  init-rR       `factorkv convert SRC DST --key-rank R`               (training-free init)
+  cal-rR        `factorkv convert SRC DST --key-rank R --calibrate`   (current recipe)
+  NAME=PATH     any other factored checkpoint (``--variant``)
+
+Metrics (model_patches.evaluate, plain batched torch, float32), cached per variant in
+``<work>/results/<variant>.json`` keyed by the metric's settings and the checkpoint's
+fingerprint, so a re-run only computes what is missing:
+  * perplexity on the held-out Wikipedia split at each context (non-overlapping windows);
+  * passkey accuracy at each length (greedy, exact match of the 5 digits);
+  * greedy answers to 5 chat prompts;
+  * for one variant, the perplexity recomputed through the vLLM engine (prompt logprobs of
+    the same windows) and compared with the torch number.
+The report (markdown) is written to ``--out`` (docs/results/quality.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from model_patches.evaluate import EvalError
+
+DEFAULT_VARIANTS = ("original", "init-r32", "cal-r32", "init-r16", "cal-r16", "init-r8", "cal-r8")
+
+
+def work_dir(path: str | None = None) -> Path:
+    from model_patches.default_model import cache_root
+    return Path(path) if path else cache_root() / "quality"
+
+
+def _fingerprint(ckpt: Path) -> str:
+    h = hashlib.sha256((ckpt / "config.json").read_bytes())
+    for f in sorted(ckpt.glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+class Results:
+    """results/<variant>.json: {"fingerprint", "metrics": {key: value}} (reset on a new
+    checkpoint)."""
+
+    def __init__(self, root: Path, name: str, ckpt: Path):
+        self.path = root / "results" / f"{name}.json"
+        self.fp = _fingerprint(ckpt)
+        data = {}
+        if self.path.exists():
+            data = json.loads(self.path.read_text())
+        self.metrics = data.get("metrics", {}) if data.get("fingerprint") == self.fp else {}
+
+    def get(self, key):
+        return self.metrics.get(key)
+
+    def put(self, key, value) -> None:
+        self.metrics[key] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"fingerprint": self.fp, "metrics": self.metrics}, indent=1))
+        os.replace(tmp, self.path)
+
+
+def resolve_variant(name: str, root: Path, src: Path, extra: dict[str, Path],
+                    progress: bool = True) -> Path:
+    """Checkpoint dir of a variant; init-rR / cal-rR are converted on first use."""
+    if name in extra:
+        return extra[name]
+    if name == "original":
+        return src
+    kind, _, r = name.partition("-r")
+    if kind not in ("init", "cal") or not r.isdigit():
+        raise EvalError(f"unknown variant {name!r} (original, init-rR, cal-rR, or NAME=PATH)")
+    path = root / "models" / name
+    if not (path / "config.json").exists():
+        from model_patches.convert import convert
+        t0 = time.time()
+        print(f"[eval] building {name}: factorkv convert {src} {path} --key-rank {r}"
+              + (" --calibrate" if kind == "cal" else ""), file=sys.stderr, flush=True)
+        convert(src, path, key_rank=int(r), calibrate=kind == "cal", progress=progress,
+                force=True)
+        print(f"[eval] built {name} in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    return path
+
+
+def evaluate_variant(name: str, ckpt: Path, root: Path, tok, opts: dict, log=print) -> dict:
+    """Compute the missing metrics of one variant; returns its metrics dict."""
+    from tqdm import tqdm
+
+    from model_patches import evaluate as E
+    from model_patches.wiki_data import token_stream
+
+    res = Results(root, name, ckpt)
+    model = None
+
+    def get_model():
+        nonlocal model
+        if model is None:
+            model = E.ThinLM.from_dir(ckpt).eval()
+        return model
+
+    stream = token_stream(tok, "evaluation")
+    for ctx in opts["contexts"]:
+        key = f"ppl/ctx{ctx}/tokens{opts['eval_tokens']}"
+        if res.get(key) is None:
+            windows = E.eval_windows(stream, ctx, opts["eval_tokens"])
+            t0 = time.time()
+            with tqdm(total=len(windows), desc=f"{name} ppl ctx {ctx}", unit="window",
+                      disable=not opts["progress"]) as bar:
+                nll = E.window_nll(get_model(), windows, max(1, 2048 // ctx), bar).double()
+            res.put(key, {"ppl": float(nll.mean().exp()), "tokens_scored": nll.numel(),
+                          "windows": len(windows), "window_nll": nll.sum(1).tolist(),
+                          "seconds": round(time.time() - t0, 1)})
+        log(f"[eval] {name} ctx {ctx}: PPL {res.get(key)['ppl']:.3f}")
+    n_pk = opts["passkey_n"].get(name, 0)
+    for length in opts["passkey_lengths"] if n_pk else ():
+        key = f"passkey/len{length}/n{n_pk}/seed{opts['seed']}"
+        if res.get(key) is None:
+            prompts = E.passkey_prompts(tok, length, n_pk, opts["seed"])
+            t0 = time.time()
+            with tqdm(total=n_pk, desc=f"{name} passkey {length}", unit="prompt",
+                      disable=not opts["progress"]) as bar:
+                out = E.passkey_accuracy(get_model(), tok, prompts, progress=bar)
+            out["seconds"] = round(time.time() - t0, 1)
+            res.put(key, out)
+        log(f"[eval] {name} passkey {length}: {res.get(key)['accuracy']:.2%} of {n_pk}")
+    if name in opts["chat"] and res.get("chat/v1") is None:
+        t0 = time.time()
+        res.put("chat/v1", {"answers": E.greedy_chat(get_model(), tok),
+                            "seconds": round(time.time() - t0, 1)})
+    if name == opts["vllm_variant"]:
+        ctx = opts["vllm_ctx"]
+        key = f"vllm-ppl/ctx{ctx}/tokens{opts['eval_tokens']}"
+        if res.get(key) is None:
+            from model_patches import evaluate_vllm
+            windows = E.eval_windows(stream, ctx, opts["eval_tokens"])
+            log(f"[eval] {name}: recomputing ctx {ctx} through vLLM ({windows.numel()} tokens)")
+            t0 = time.time()
+            out = evaluate_vllm.run(ckpt, windows.tolist(), root / "vllm" / name)
+            nll = torch.tensor(out["nll"], dtype=torch.float64)
+            res.put(key, {"ppl": float(nll.mean().exp()), "tokens_scored": nll.numel(),
+                          "window_nll": nll.sum(1).tolist(), "engine_seconds": out["seconds"],
+                          "startup_s": out["startup_s"], "seconds": round(time.time() - t0, 1)})
+        log(f"[eval] {name} vLLM ctx {ctx}: PPL {res.get(key)['ppl']:.3f}")
+    return res.metrics
+
+
+def _cut(rank: int | None, d: int = 64) -> str:
+    return "0%" if rank is None else f"{1 - rank / d:.1%}".replace(".0%", "%")
+
+
+def _ckpt_info(ckpt: Path) -> dict:
+    cfg = json.loads((ckpt / "config.json").read_text())
+    fk = cfg.get("factored_keys") or {}
+    cal = fk.get("calibration") or {}
+    return {"rank": fk.get("key_rank"), "method": fk.get("method", "original"),
+            "calib_seconds": cal.get("seconds"), "calib_tokens": cal.get("tokens"),
+            "e2e": cal.get("e2e"), "head_dim": fk.get("head_dim", 64)}
+
+
+def write_report(path: Path, variants: list[str], ckpts: dict[str, Path],
+                 metrics: dict[str, dict], opts: dict, command: str, seconds: float) -> None:
+    base = metrics["original"]
+    ctxs, n_tok = opts["contexts"], opts["eval_tokens"]
+    L = ["# Quality benchmark: factored (thin) keys on the default model", "",
+         f"SmolLM2-135M-Instruct (30 layers, 9 query / 3 KV heads, head_dim 64), float32, CPU "
+         f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads). "
+         f"Generated by `factorkv eval` ({time.strftime('%Y-%m-%d')}); wall time of this run "
+         f"{seconds / 60:.1f} min (cached results are reused, see below).", "",
+         "Reproduce:", "", "```", command, "```", "",
+         "## Perplexity", "",
+         f"Held-out Wikipedia text (the gensim articles with `sha1(title) mod 3 == 0`, "
+         f"model_patches.wiki_data; calibration never sees them), the first {n_tok:,} tokens "
+         f"in non-overlapping windows of each context; every token of a window but the first "
+         f"is scored. Plain-torch evaluator (`model_patches/evaluate.py`).", ""]
+    head = "| variant | method | r | key-cache cut | " + " | ".join(
+        f"PPL @{c} | Δ @{c}" for c in ctxs) + " |"
+    L += [head, "|" + "---|" * (4 + 2 * len(ctxs))]
+    for v in variants:
+        info = _ckpt_info(ckpts[v])
+        cells = []
+        for c in ctxs:
+            m = metrics[v].get(f"ppl/ctx{c}/tokens{n_tok}")
+            b = base.get(f"ppl/ctx{c}/tokens{n_tok}")
+            cells += [f"{m['ppl']:.3f}", "–" if v == "original" else
+                      f"{100 * (m['ppl'] / b['ppl'] - 1):+.1f}%"]
+        L.append(f"| {v} | {info['method']} | {info['rank'] or 64} | {_cut(info['rank'])} | "
+                 + " | ".join(cells) + " |")
+    L += ["", "Targets (issue 4): 50% cut ≤ +1%, 75% ≤ +3%, 87.5% ≤ +8%.", ""]
+    # vLLM check
+    vv, vc = opts["vllm_variant"], opts["vllm_ctx"]
+    vm = metrics.get(vv, {}).get(f"vllm-ppl/ctx{vc}/tokens{n_tok}") if vv else None
+    if vm:
+        tm = metrics[vv][f"ppl/ctx{vc}/tokens{n_tok}"]
+        diffs = [abs(a - b) / n for a, b, n in zip(vm["window_nll"], tm["window_nll"],
+                                                    [vc - 1] * len(vm["window_nll"]))]
+        L += ["## The served engine computes the same model", "",
+              f"The `{vv}` row at context {vc} recomputed through vLLM (the FactorKV engine: "
+              "`LLM(model=<checkpoint>, dtype=float32, enforce_eager=True)` in-process, "
+              "prompt logprobs of the same windows, `model_patches/evaluate_vllm.py`):", "",
+              "| variant | ctx | tokens scored | PPL (torch) | PPL (vLLM) | relative diff | "
+              "max per-window mean-NLL diff |", "|---|---:|---:|---:|---:|---:|---:|",
+              f"| {vv} | {vc} | {vm['tokens_scored']:,} | {tm['ppl']:.4f} | {vm['ppl']:.4f} | "
+              f"{abs(vm['ppl'] / tm['ppl'] - 1):.2e} | {max(diffs):.2e} |", "",
+              f"(vLLM start-up {vm['startup_s']:.0f} s, scoring {vm['engine_seconds']:.0f} s.)",
+              ""]
+    # passkey
+    pk_vars = [v for v in variants if opts["passkey_n"].get(v)]
+    if pk_vars:
+        L += ["## Passkey retrieval", "",
+              "Prompt: a fixed instruction, filler (\"The grass is green. The sky is blue. ...\" "
+              "repeated), `The pass key is NNNNN. Remember it.` after a random number of filler "
+              "units (uniform depth), more filler, then `What is the pass key? The pass key is`; "
+              "greedy, 8 new tokens, exact match of the first digit run with the 5-digit key "
+              f"(seed {opts['seed']}, `model_patches.evaluate.passkey_prompts`). The original and "
+              "the 75%-cut variant get the full prompt count; other variants fewer (CPU time), "
+              "as the n column says.", "",
+              "| variant | " + " | ".join(f"accuracy @{n} tokens (n)" for n in
+                                         opts["passkey_lengths"]) + " |",
+              "|---|" + "---:|" * len(opts["passkey_lengths"])]
+        for v in pk_vars:
+            n = opts["passkey_n"][v]
+            cells = []
+            for length in opts["passkey_lengths"]:
+                m = metrics[v].get(f"passkey/len{length}/n{n}/seed{opts['seed']}")
+                cells.append(f"{100 * m['accuracy']:.0f}% ({m['n']})" if m else "–")
+            L.append(f"| {v} | " + " | ".join(cells) + " |")
+        L.append("")
+    # chat
+    chat_vars = [v for v in variants if metrics[v].get("chat/v1")]
+    if chat_vars:
+        L += ["## Greedy chat answers, side by side", "",
+              "Chat template of the model, greedy, at most 48 new tokens.", ""]
+        prompts = [a["prompt"] for a in metrics[chat_vars[0]]["chat/v1"]["answers"]]
+        for i, p in enumerate(prompts):
+            L += [f"**{p}**", "", "| variant | answer |", "|---|---|"]
+            for v in chat_vars:
+                ans = metrics[v]["chat/v1"]["answers"][i]["answer"]
+                ans = ans.replace("|", "\\|").replace("\n", " ⏎ ")
+                L.append(f"| {v} | {ans} |")
+            L.append("")
+    # timings
+    L += ["## Timings and caching", "",
+          "Per-variant results are cached in `<work>/results/<variant>.json` (work dir: "
+          "`$FACTORKV_CACHE_DIR/quality`, default `~/.cache/factorkv/quality`), keyed by the "
+          "metric settings and the checkpoint's fingerprint; a re-run recomputes only what is "
+          "missing. Seconds measured when each number was computed:", "",
+          "| variant | calibration | " + " | ".join(f"PPL @{c}" for c in ctxs)
+          + " | passkey | chat |", "|---|---:|" + "---:|" * (len(ctxs) + 2)]
+    for v in variants:
+        m, info = metrics[v], _ckpt_info(ckpts[v])
+        cal = "–"
+        if info["calib_seconds"] is not None:
+            cal = f"{info['calib_seconds']:.0f} s"
+            if info["e2e"]:
+                cal += f" + e2e {info['e2e']['seconds']:.0f} s"
+        pk = sum(x.get("seconds", 0) for k, x in m.items() if k.startswith("passkey/"))
+        L.append(f"| {v} | {cal} | " + " | ".join(
+            f"{m[f'ppl/ctx{c}/tokens{n_tok}']['seconds']:.0f} s" for c in ctxs)
+            + f" | {pk:.0f} s | {m.get('chat/v1', {}).get('seconds', 0):.0f} s |")
+    L.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(L))
+
+
+def run_benchmark(opts: dict, command: str, log=print) -> Path:
+    from transformers import AutoTokenizer
+
+    from model_patches.default_model import prepare_default_model
+
+    torch.set_num_threads(opts["threads"])
+    t0 = time.time()
+    root = work_dir(opts.get("work"))
+    src = prepare_default_model()
+    tok = AutoTokenizer.from_pretrained(str(src))
+    extra = {k: Path(v) for k, v in opts["extra"].items()}
+    variants = list(opts["variants"]) + [k for k in extra if k not in opts["variants"]]
+    if "original" not in variants:
+        variants.insert(0, "original")
+    ckpts, metrics = {}, {}
+    for v in variants:
+        ckpts[v] = resolve_variant(v, root, src, extra, opts["progress"])
+        metrics[v] = evaluate_variant(v, ckpts[v], root, tok, opts, log)
+    out = Path(opts["out"])
+    write_report(out, variants, ckpts, metrics, opts, command, time.time() - t0)
+    log(f"[eval] wrote {out}")
+    return out
