@@ -162,9 +162,10 @@ def _ckpt_info(ckpt: Path) -> dict:
     cfg = json.loads((ckpt / "config.json").read_text())
     fk = cfg.get("factored_keys") or {}
     cal = fk.get("calibration") or {}
+    from engine.checkpoint import model_dims
     return {"rank": fk.get("key_rank"), "method": fk.get("method", "original"),
             "calib_seconds": cal.get("seconds"), "calib_tokens": cal.get("tokens"),
-            "e2e": cal.get("e2e"), "head_dim": fk.get("head_dim", 64)}
+            "e2e": cal.get("e2e"), "head_dim": fk.get("head_dim") or model_dims(cfg)[3]}
 
 
 def write_report(path: Path, variants: list[str], ckpts: dict[str, Path],
@@ -193,7 +194,8 @@ def write_report(path: Path, variants: list[str], ckpts: dict[str, Path],
             b = base.get(f"ppl/ctx{c}/tokens{n_tok}")
             cells += [f"{m['ppl']:.3f}", "–" if v == "original" else
                       f"{100 * (m['ppl'] / b['ppl'] - 1):+.1f}%"]
-        L.append(f"| {v} | {info['method']} | {info['rank'] or 64} | {_cut(info['rank'])} | "
+        L.append(f"| {v} | {info['method']} | {info['rank'] or info['head_dim']} | "
+                 f"{_cut(info['rank'], info['head_dim'])} | "
                  + " | ".join(cells) + " |")
     L += ["", "Targets (issue 4): 50% cut ≤ +1%, 75% ≤ +3%, 87.5% ≤ +8%.", ""]
     # vLLM check
@@ -286,6 +288,13 @@ def run_benchmark(opts: dict, command: str, log=print) -> Path:
     variants = list(opts["variants"]) + [k for k in extra if k not in opts["variants"]]
     if "original" not in variants:
         variants.insert(0, "original")
+    for v in variants:                      # fail on a bad name before any work
+        kind, _, r = v.partition("-r")
+        if v not in extra and v != "original" and (kind not in ("init", "cal") or not r.isdigit()):
+            raise EvalError(f"unknown variant {v!r} (original, init-rR, cal-rR, or NAME=PATH)")
+    for name, path in extra.items():
+        if not (path / "config.json").is_file():
+            raise EvalError(f"--variant {name}={path}: not a checkpoint directory")
     ckpts, metrics = {}, {}
     for v in variants:
         ckpts[v] = resolve_variant(v, root, src, extra, opts["progress"])

@@ -1,0 +1,170 @@
+"""The quality benchmark's math (model_patches.evaluate) on tiny models, and its report."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from engine.reference import FactoredReference
+from model_patches import evaluate as E
+from model_patches.factored_checkpoint import write_rotary_pair_subset
+from tests.engine_utils import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quality")
+    src = tiny_llama(root / "src", layers=2, hidden=64, heads=4, kv_heads=2)
+    thin = write_rotary_pair_subset(src, root / "thin8", 8)
+    return src, thin
+
+
+def _hf_logits(path, ids):
+    from transformers import AutoModelForCausalLM
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(str(path)).eval()(ids).logits
+
+
+IDS = torch.randint(3, 256, (3, 40), generator=torch.Generator().manual_seed(0))
+
+
+def test_thinlm_original_matches_transformers(tiny):
+    src, _ = tiny
+    with torch.no_grad():
+        got = E.ThinLM.from_dir(src)(IDS)
+    assert (got - _hf_logits(src, IDS)).abs().max() < 1e-4
+
+
+def test_thinlm_factored_matches_reference_and_cache(tiny):
+    _, thin = tiny
+    m, ref = E.ThinLM.from_dir(thin), FactoredReference(thin)
+    with torch.no_grad():
+        full = m(IDS)
+        for b in range(len(IDS)):
+            assert (full[b] - ref(IDS[b])).abs().max() < 1e-4
+        cache: list = []
+        m.hidden_states(IDS[:, :25], cache)                  # prefix, then the rest with the cache
+        rest = m.logits(m.hidden_states(IDS[:, 25:], cache))
+        assert (rest - full[:, 25:]).abs().max() < 1e-4
+        cropped = E.crop_cache(cache, 10)                    # a cropped cache = a shorter prefix
+        again = m.logits(m.hidden_states(IDS[:, 10:], list(cropped)))
+        assert (again - full[:, 10:]).abs().max() < 1e-4
+        assert cache[0][0].shape[2] == 40                    # cropping did not touch the original
+
+
+def test_perplexity_is_exp_of_mean_nll_by_hand(tiny):
+    src, _ = tiny
+    stream = torch.randint(3, 256, (500,), generator=torch.Generator().manual_seed(1)).tolist()
+    windows = E.eval_windows(stream, 64, 300)                # ceil(300/64) = 5 windows
+    assert windows.shape == (5, 64) and windows.flatten().tolist() == stream[:320]
+    got = E.perplexity(E.ThinLM.from_dir(src), windows, batch=2)
+    logits = _hf_logits(src, windows)
+    nll, n = 0.0, 0
+    for w in range(5):
+        for t in range(63):
+            lp = torch.log_softmax(logits[w, t].double(), -1)
+            nll -= lp[windows[w, t + 1]].item()
+            n += 1
+    assert got["tokens_scored"] == n == 5 * 63
+    assert got["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+    with pytest.raises(E.EvalError):
+        E.eval_windows(stream, 64, 10_000)
+
+
+@pytest.fixture(scope="module")
+def tok(default_model_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(default_model_dir))
+
+
+@pytest.mark.parametrize("length", [300, 2048])
+def test_passkey_prompts_deterministic_and_needle_where_said(tok, length):
+    a = E.passkey_prompts(tok, length, 12, seed=3)
+    b = E.passkey_prompts(tok, length, 12, seed=3)
+    assert [(p.ids, p.answer) for p in a] == [(p.ids, p.answer) for p in b]
+    assert [p.answer for p in E.passkey_prompts(tok, length, 12, seed=4)] != [p.answer for p in a]
+    unit = len(tok(E.PASSKEY_FILLER, add_special_tokens=False)["input_ids"])
+    longest = max(a, key=lambda p: p.prefix_len)
+    for p in a:
+        assert len(p.answer) == 5 and p.answer.isdigit()
+        assert length - unit < len(p.ids) <= length
+        needle = tok.decode(p.ids[p.needle_start:p.needle_start + p.needle_len])
+        assert needle == E.PASSKEY_NEEDLE.format(key=p.answer)
+        assert p.answer not in tok.decode(p.ids[:p.needle_start] + p.ids[p.needle_start + p.needle_len:])
+        assert tok.decode(p.ids).endswith(E.PASSKEY_QUESTION)
+        assert p.ids[:p.prefix_len] == longest.ids[:p.prefix_len]      # shared filler prefix
+    depths = [p.needle_start / len(p.ids) for p in a]
+    assert max(depths) - min(depths) > 0.3                             # depths vary
+
+
+def test_extract_passkey():
+    assert E.extract_passkey(" 12345.\nThe") == "12345"
+    assert E.extract_passkey(" a key 123456") == "123456"
+    assert E.extract_passkey(" none") == ""
+
+
+def test_passkey_accuracy_with_shared_prefix_equals_plain_greedy(tiny, tok):
+    """The cached-prefix path gives the same greedy tokens as a forward of the whole prompt."""
+    src, _ = tiny
+    m = E.ThinLM.from_dir(src)
+    prompts = E.passkey_prompts(tok, 160, 3, seed=0)
+    for p in prompts:                      # the tiny model has a 256-token vocabulary
+        p.ids = [i % 256 for i in p.ids]
+    out = E.passkey_accuracy(m, tok, prompts, max_new=4)
+    assert out["n"] == 3 and 0.0 <= out["accuracy"] <= 1.0
+    for p, row in zip(prompts, out["rows"]):
+        ids = list(p.ids)
+        with torch.no_grad():
+            for _ in range(4):
+                ids.append(int(m(torch.tensor([ids]))[0, -1].argmax()))
+        assert row["output"] == tok.decode(ids[len(p.ids):], skip_special_tokens=True)
+
+
+def test_report_lists_every_variant(tmp_path, tiny):
+    from model_patches.quality import write_report
+    src, thin = tiny
+    ppl = lambda v: {"ppl": v, "tokens_scored": 63, "window_nll": [63 * math.log(v)],  # noqa: E731
+                     "seconds": 1.0}
+    metrics = {"original": {"ppl/ctx64/tokens64": ppl(10.0),
+                            "passkey/len300/n2/seed0": {"accuracy": 1.0, "n": 2, "seconds": 1},
+                            "chat/v1": {"answers": [{"prompt": "hi", "answer": "hello"}],
+                                        "seconds": 1}},
+               "thin": {"ppl/ctx64/tokens64": ppl(11.0),
+                        "vllm-ppl/ctx64/tokens64": {**ppl(11.0), "engine_seconds": 1,
+                                                    "startup_s": 2},
+                        "chat/v1": {"answers": [{"prompt": "hi", "answer": "a|b"}], "seconds": 1}}}
+    opts = {"contexts": [64], "eval_tokens": 64, "vllm_variant": "thin", "vllm_ctx": 64,
+            "passkey_n": {"original": 2}, "passkey_lengths": [300], "seed": 0}
+    out = tmp_path / "q.md"
+    write_report(out, ["original", "thin"], {"original": src, "thin": thin}, metrics, opts,
+                 "factorkv eval --x", 60.0)
+    text = out.read_text()
+    assert "factorkv eval --x" in text and "| thin | rotary-pair-subset | 8 | 50% | 11.000 | +10.0% |" in text
+    assert "100% (2)" in text and "a\\|b" in text and "0.00e+00" in text
+
+
+@pytest.mark.slow
+def test_vllm_prompt_nll_matches_torch(tiny, tmp_path):
+    from model_patches import evaluate_vllm
+    _, thin = tiny
+    windows = torch.randint(3, 256, (3, 48), generator=torch.Generator().manual_seed(2))
+    ref = E.window_nll(E.ThinLM.from_dir(thin), windows).double()
+    out = evaluate_vllm.run(thin, windows.tolist(), tmp_path, kv_cache_memory_bytes=32 << 20,
+                            block_size=16)
+    got = torch.tensor(out["nll"], dtype=torch.float64)
+    assert got.shape == ref.shape and (got - ref).abs().max() < 1e-3
+
+
+def test_eval_cli_bad_variant_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.engine_utils import ROOT
+    proc = subprocess.run([sys.executable, "-m", "server.cli", "eval", "--variants", "bogus",
+                           "--work", str(tmp_path), "--out", str(tmp_path / "q.md"), "-q"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "unknown variant" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "q.md").exists()
