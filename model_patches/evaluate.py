@@ -280,6 +280,25 @@ def passkey_accuracy(model: ThinLM, tok, prompts: list[PasskeyPrompt], max_new: 
             "length": max(len(p.ids) for p in prompts), "rows": rows}
 
 
+def passkey_accuracy_vllm(ckpt: str | Path, tok, prompts: list[PasskeyPrompt], work: Path,
+                          max_new: int = 8) -> dict:
+    """:func:`passkey_accuracy` through the vLLM engine (greedy, prefix caching on: the shared
+    filler prefix is computed once). Same scoring."""
+    from model_patches import evaluate_vllm
+    longest = max(prompts, key=lambda p: p.prefix_len)
+    out = evaluate_vllm.run(ckpt, None, work, spec_extra={
+        "mode": "generate", "prompts": [p.ids for p in prompts], "max_tokens": max_new,
+        "prefix": longest.ids[: longest.prefix_len]})
+    rows = []
+    for p, gen in zip(prompts, out["tokens"]):
+        text = tok.decode(gen, skip_special_tokens=True)
+        rows.append({"answer": p.answer, "output": text, "depth": p.needle_start / len(p.ids),
+                     "correct": extract_passkey(text) == p.answer})
+    return {"accuracy": sum(r["correct"] for r in rows) / len(rows), "n": len(rows),
+            "length": max(len(p.ids) for p in prompts), "rows": rows, "engine": "vllm",
+            "engine_seconds": out["seconds"], "startup_s": out["startup_s"]}
+
+
 # ---------------------------------------------------------------------------- chat
 CHAT_PROMPTS = (
     "What is the capital of France?",

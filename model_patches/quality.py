@@ -124,12 +124,18 @@ def evaluate_variant(name: str, ckpt: Path, root: Path, tok, opts: dict, log=pri
     n_pk = opts["passkey_n"].get(name, 0)
     for length in opts["passkey_lengths"] if n_pk else ():
         key = f"passkey/len{length}/n{n_pk}/seed{opts['seed']}"
+        if opts.get("passkey_engine", "vllm") != "vllm":
+            key += "/torch"
         if res.get(key) is None:
             prompts = E.passkey_prompts(tok, length, n_pk, opts["seed"])
             t0 = time.time()
-            with tqdm(total=n_pk, desc=f"{name} passkey {length}", unit="prompt",
-                      disable=not opts["progress"]) as bar:
-                out = E.passkey_accuracy(get_model(), tok, prompts, progress=bar)
+            if opts.get("passkey_engine", "vllm") == "vllm":
+                log(f"[eval] {name}: {n_pk} passkey prompts of {length} tokens through vLLM")
+                out = E.passkey_accuracy_vllm(ckpt, tok, prompts, root / "vllm" / name)
+            else:
+                with tqdm(total=n_pk, desc=f"{name} passkey {length}", unit="prompt",
+                          disable=not opts["progress"]) as bar:
+                    out = E.passkey_accuracy(get_model(), tok, prompts, progress=bar)
             out["seconds"] = round(time.time() - t0, 1)
             res.put(key, out)
         log(f"[eval] {name} passkey {length}: {res.get(key)['accuracy']:.2%} of {n_pk}")
@@ -223,7 +229,10 @@ def write_report(path: Path, variants: list[str], ckpts: dict[str, Path],
               "repeated), `The pass key is NNNNN. Remember it.` after a random number of filler "
               "units (uniform depth), more filler, then `What is the pass key? The pass key is`; "
               "greedy, 8 new tokens, exact match of the first digit run with the 5-digit key "
-              f"(seed {opts['seed']}, `model_patches.evaluate.passkey_prompts`). The original and "
+              f"(seed {opts['seed']}, `model_patches.evaluate.passkey_prompts`). Run through the "
+              "served vLLM engine with prefix caching (the filler prefix is shared; "
+              "`--passkey-engine torch` runs the plain-torch evaluator instead, which gives the "
+              "same greedy tokens, ~2× slower). The original and "
               "the 75%-cut variant get the full prompt count; other variants fewer (CPU time), "
               "as the n column says.", "",
               "| variant | " + " | ".join(f"accuracy @{n} tokens (n)" for n in

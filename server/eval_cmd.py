@@ -40,6 +40,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="variants with --passkey-n prompts (default: %(default)s)")
     p.add_argument("--passkey-n-other", type=int, default=20,
                    help="passkey prompts per length for the other calibrated/extra variants")
+    p.add_argument("--passkey-engine", choices=("vllm", "torch"), default="vllm",
+                   help="run passkey prompts through vLLM (prefix caching; default) or torch")
     p.add_argument("--vllm-variant", default="cal-r16",
                    help="variant recomputed through vLLM ('' to skip; default: %(default)s)")
     p.add_argument("--vllm-ctx", type=int, default=512)
@@ -76,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     opts = {"variants": variants, "extra": extra, "contexts": args.contexts,
             "eval_tokens": args.eval_tokens, "passkey_lengths": args.passkey_lengths,
             "passkey_n": passkey_n, "chat": chat, "vllm_variant": args.vllm_variant or None,
-            "vllm_ctx": args.vllm_ctx, "seed": args.seed, "threads": args.threads,
+            "vllm_ctx": args.vllm_ctx, "passkey_engine": args.passkey_engine, "seed": args.seed, "threads": args.threads,
             "work": args.work, "out": args.out, "progress": not args.quiet}
     command = "factorkv eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
         if sys.argv[1:2] == ["eval"] else "factorkv eval"

@@ -168,3 +168,15 @@ def test_eval_cli_bad_variant_one_line(tmp_path):
     assert proc.returncode == 2 and "unknown variant" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "q.md").exists()
+
+
+@pytest.mark.slow
+def test_passkey_through_vllm_equals_torch(tiny, tok, tmp_path):
+    _, thin = tiny                 # (stock CPU attention has no head_dim 16: the thin model only)
+    prompts = E.passkey_prompts(tok, 200, 3, seed=1)
+    for p in prompts:
+        p.ids = [i % 256 for i in p.ids]
+    for ckpt in (thin,):
+        a = E.passkey_accuracy(E.ThinLM.from_dir(ckpt), tok, prompts, max_new=5)
+        b = E.passkey_accuracy_vllm(ckpt, tok, prompts, tmp_path / ckpt.name, max_new=5)
+        assert [r["output"] for r in a["rows"]] == [r["output"] for r in b["rows"]]
