@@ -47,6 +47,27 @@ def _attn(q, k, v, n_heads, n_kv, r, d, scale, rope, pos):
     return o.transpose(1, 2).reshape(b, t, n_heads * d)
 
 
+class _LearnedRope:
+    """Thin RoPE with a trainable frequency table [H_kv, r/2] (same convention as
+    engine.rotary.ThinRotaryEmbedding: thin dims j and j + r/2 form a pair)."""
+
+    def __init__(self, freq: torch.Tensor, n_heads: int, scaling: float):
+        self.freq, self.scaling = freq, scaling
+        self.h_kv, self.group = freq.shape[0], n_heads // freq.shape[0]
+
+    def __call__(self, positions, q, k):
+        from engine.rotary import rotate_half
+        n = positions.shape[0]
+        ang = positions.to(self.freq.dtype)[:, None, None] * self.freq[None]
+        ang = torch.cat((ang, ang), -1)
+        cos, sin = ang.cos() * self.scaling, ang.sin() * self.scaling
+        k3 = k.view(n, self.h_kv, -1)
+        k3 = k3 * cos + rotate_half(k3) * sin
+        q4 = q.view(n, self.h_kv, self.group, -1)
+        q4 = q4 * cos[:, :, None] + rotate_half(q4) * sin[:, :, None]
+        return q4.reshape(q.shape), k3.reshape(k.shape)
+
+
 class _Layer:
     """Uniform access to one source decoder layer (Llama or GPT-2 family)."""
 
@@ -98,6 +119,10 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
     from model_patches.wiki_data import token_stream
 
     e2e = {k: settings.pop(k) for k in list(settings) if k.startswith("e2e_")}
+    # learn_freq: also train the thin pairs' rotary frequencies (lr = freq_lr); only part of
+    # the fingerprint when on, so the default recipe's progress files stay valid.
+    learn = {k: settings.pop(k) for k in ("learn_freq", "freq_lr") if k in settings}
+    learn_freq = bool(learn.get("learn_freq")) and family == "llama"
     opts = {**DEFAULTS, **settings}
     src, dst = Path(src), Path(dst)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -118,14 +143,17 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
     scale = fk.softmax_scale
 
     work = dst.parent / f".{dst.name}.calib"
-    fp = _fingerprint(src, block, opts)
+    fp = _fingerprint(src, block, {**opts, **learn} if learn_freq else opts)
     state = dict(state)
+    freqs = [t.clone() for t in fk.inv_freq] if fk.inv_freq is not None else None
     start, x, losses = 0, None, []
     if (work / "progress.pt").exists():
         saved = torch.load(work / "progress.pt", map_location=dev)
         if saved.get("fingerprint") == fp:
             start, x, losses = saved["layer"], saved["x"], saved["losses"]
             state.update({k: v for k, v in saved["weights"].items()})
+            if saved.get("freqs") is not None:
+                freqs = saved["freqs"]
     work.mkdir(parents=True, exist_ok=True)
     if x is None:
         with torch.no_grad():
@@ -141,8 +169,11 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
         L = _Layer(model, family, i, hidden)
         r = fk.ranks[i]
         p = _prefix(family, i)
-        rope = None
-        if fk.inv_freq is not None:
+        rope, freq = None, None
+        if fk.inv_freq is not None and learn_freq:
+            freq = freqs[i].clone().float().to(dev).requires_grad_(True)
+            rope = _LearnedRope(freq, h, fk.rotary_attention_scaling)
+        elif fk.inv_freq is not None:
             rope = ThinRotaryEmbedding(fk.inv_freq[i], h, fk.rotary_attention_scaling).to(dev)
         with torch.no_grad():
             n = L.norm1(x)
@@ -155,7 +186,10 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
         bq = state.get(f"{p}.q_proj.bias")
         bq = None if bq is None else bq.clone().to(dev).requires_grad_(True)
         params = [t for t in (wq, wk, bq) if t is not None]
-        opt = torch.optim.Adam(params, lr=opts["lr"])
+        groups = [{"params": params}]
+        if freq is not None:
+            groups.append({"params": [freq], "lr": learn.get("freq_lr", 1e-4)})
+        opt = torch.optim.Adam(groups, lr=opts["lr"])
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, opts["steps"])
         gen = torch.Generator().manual_seed(i)
         norm = target.pow(2).mean().clamp_min(1e-12)
@@ -174,12 +208,17 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
             loss.backward()
             opt.step()
             sched.step()
+            if freq is not None:
+                with torch.no_grad():
+                    freq.clamp_(min=0.0)          # the format wants non-negative frequencies
         with torch.no_grad():
             after = loss_on(torch.arange(len(ids), device=dev)).item()
             state[f"{p}.q_proj.weight"] = wq.detach().cpu()
             state[f"{p}.k_proj.weight"] = wk.detach().cpu()
             if bq is not None:
                 state[f"{p}.q_proj.bias"] = bq.detach().cpu()
+            if freq is not None:
+                freqs[i] = freq.detach().double().cpu()
             attn = L.out(_attn(F.linear(n, wq, bq), F.linear(n, wk), v, h, h_kv, r, d, scale,
                                rope, pos))
             x = L.mlp_block(x + attn)
@@ -187,11 +226,15 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
         bar.set_postfix(rel_mse=f"{before:.3f}->{after:.3f}")
         weights = {k: state[k] for li in range(i + 1) for k in _thin_names(family, li) if k in state}
         torch.save({"fingerprint": fp, "layer": i + 1, "x": x, "losses": losses,
-                    "weights": weights}, work / "progress.pt")
+                    "weights": weights, "freqs": freqs if learn_freq else None},
+                   work / "progress.pt")
     report = {"recipe": "sequential layer-wise attention-output matching, QK only",
               "tokens": int(ids.numel()), "seq_len": seq, "steps_per_layer": opts["steps"],
               "batch": opts["batch"], "lr": opts["lr"], "device": str(dev),
               "seconds": round(time.time() - t0, 1), "layers": losses}
+    if learn_freq:
+        block["rotary_inv_freq"] = [f.tolist() for f in freqs]    # the checkpoint's table
+        report["learned_rotary_freq"] = True
     if {**E2E_DEFAULTS, **e2e}["e2e_steps"] > 0:
         del model
         state, report["e2e"] = e2e_thin_qk(src, cfg, state, block, dst, progress=progress, **e2e)

@@ -31,6 +31,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="calibration tokens for --calibrate")
     p.add_argument("--calib-steps", type=int, default=None, metavar="N",
                    help="optimizer steps per layer for --calibrate")
+    p.add_argument("--learn-freq", action="store_true",
+                   help="--calibrate also trains the thin pairs' rotary frequencies")
+    p.add_argument("--e2e-steps", type=int, default=None, metavar="N",
+                   help="after the layer-wise calibration, N end-to-end KL steps over thin q/k "
+                        "(4 x 256 tokens each; ~7 s per step on 2 CPU cores for the default model)")
+    p.add_argument("--e2e-lr", type=float, default=None, metavar="LR",
+                   help="learning rate of the end-to-end pass (default 1e-4)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p
@@ -42,8 +49,13 @@ def run(args: argparse.Namespace) -> int:
 
     from server.errors import CLIError
 
-    calibration = {k: v for k, v in (("tokens", args.calib_tokens), ("steps", args.calib_steps))
+    calibration = {k: v for k, v in (("tokens", args.calib_tokens), ("steps", args.calib_steps),
+                                     ("e2e_steps", args.e2e_steps), ("e2e_lr", args.e2e_lr))
                    if v is not None}
+    if args.learn_freq:
+        calibration["learn_freq"] = True
+    if calibration and not args.calibrate:
+        raise CLIError("--calib-*, --learn-freq and --e2e-* need --calibrate", code=2)
     try:
         summary = convert(args.src, args.dst, key_rank=args.key_rank,
                           key_cache_ratio=args.key_cache_ratio, init=args.init,

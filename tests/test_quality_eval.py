@@ -180,3 +180,37 @@ def test_passkey_through_vllm_equals_torch(tiny, tok, tmp_path):
         a = E.passkey_accuracy(E.ThinLM.from_dir(ckpt), tok, prompts, max_new=5)
         b = E.passkey_accuracy_vllm(ckpt, tok, prompts, tmp_path / ckpt.name, max_new=5)
         assert [r["output"] for r in a["rows"]] == [r["output"] for r in b["rows"]]
+
+
+def test_calibration_learned_freq_and_e2e_pass(default_model_dir, tmp_path):
+    """--calibrate with learned rotary frequencies and an end-to-end pass: the table in the
+    checkpoint is the learned one, the e2e KL report is there, the engine reference agrees."""
+    import json
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from model_patches.convert import convert
+    torch.manual_seed(0)
+    src = tmp_path / "src"
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)).save_pretrained(src)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_dir / f, src / f)
+    cal = {"tokens": 8 * 64, "seq_len": 64, "steps": 10, "batch": 4, "learn_freq": True,
+           "freq_lr": 1e-2, "e2e_steps": 3, "e2e_seq_len": 32, "e2e_batch": 2}
+    plain = convert(src, tmp_path / "plain", key_rank=8, init="best-pairs", stat_tokens=4 * 512,
+                    progress=False)
+    s = convert(src, tmp_path / "cal", key_rank=8, init="best-pairs", calibrate=True,
+                calibration=cal, stat_tokens=4 * 512, progress=False)
+    fk = json.loads((s.dst / "config.json").read_text())["factored_keys"]
+    fk0 = json.loads((plain.dst / "config.json").read_text())["factored_keys"]
+    assert fk["calibration"]["learned_rotary_freq"] and fk["calibration"]["e2e"]["steps"] == 3
+    assert fk["rotary_inv_freq"] != fk0["rotary_inv_freq"]
+    assert not (tmp_path / ".cal.calib").exists()
+    ids = torch.randint(3, 49152, (1, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        diff = (E.ThinLM.from_dir(s.dst)(ids)[0] - FactoredReference(s.dst)(ids[0])).abs().max()
+    assert diff < 1e-4
