@@ -305,7 +305,11 @@ def run_benchmark(opts: dict, command: str, log=print) -> Path:
         if not (path / "config.json").is_file():
             raise EvalError(f"--variant {name}={path}: not a checkpoint directory")
     ckpts, metrics = {}, {}
-    for v in variants:
+    # compute the most telling variants first (original, calibrated, extra, then init-only);
+    # the report keeps the given order
+    prio = {"original": 0, "cal": 1, "init": 3}
+    for v in sorted(variants, key=lambda v: prio.get(v.partition("-")[0] if v not in extra
+                                                      else "", 2)):
         ckpts[v] = resolve_variant(v, root, src, extra, opts["progress"])
         metrics[v] = evaluate_variant(v, ckpts[v], root, tok, opts, log)
     out = Path(opts["out"])
