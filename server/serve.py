@@ -6,8 +6,11 @@ defaults: no ``--model`` serves the embedded default model (prepared on first us
 ``--host 127.0.0.1``, and on CPU ``--dtype float32 --enforce-eager`` unless given.
 
 The server itself replicates vLLM's ``run_server`` / ``build_and_serve``
-(vllm/entrypoints/launchers/api_server/entry.py) with one addition: after
-``init_app_state`` it calls :func:`server.routes.install_factorkv_extensions`.
+(vllm/entrypoints/launchers/api_server/entry.py) with these additions: after
+``init_app_state`` it calls :func:`server.routes.install_factorkv_extensions` and
+:func:`server.guards.install_guards` (API key on every non-probe route, body limit, 429 on
+overload, OpenAI-shaped 4xx); and when vLLM stops serving because the engine process died,
+it exits with status 1 (one line) instead of 0, so that an orchestrator restarts it.
 """
 
 from __future__ import annotations
@@ -79,6 +82,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--kv-cache-memory", type=_size_arg, default=None, metavar="SIZE",
         help="KV cache budget: bytes or a size such as 256MiB, 4GiB, 1e9 "
              "(sets vLLM's --kv-cache-memory-bytes).")
+    from server.guards import add_arguments as add_guard_arguments
+
+    add_guard_arguments(fkv)  # --max-queued-requests, --max-request-body-bytes, --protect-metrics
     model_help = ("Local model directory (Hugging Face format, plain or FactorKV-factored). "
                   "Default: the embedded SmolLM2-135M-Instruct, prepared under "
                   "$FACTORKV_CACHE_DIR/models (default ~/.cache/factorkv/models).")
@@ -152,6 +158,10 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.max_model_len is not None and isinstance(args.max_model_len, int) \
             and args.max_model_len < -1:
         raise CLIError(f"--max-model-len must be positive, got {args.max_model_len}")
+
+    from server.guards import check_arguments as check_guard_arguments
+
+    check_guard_arguments(args)
 
     if args.model is None:
         from model_patches.default_model import MODEL_NAME, DefaultModelError, prepare_default_model
@@ -255,6 +265,8 @@ async def run_server(args: argparse.Namespace, **uvicorn_kwargs) -> None:
     try:
         shutdown_task = await build_and_serve(engine_client, listen_address, sock, args,
                                               **uvicorn_kwargs)
+        engine_died = bool(engine_client.errored) and \
+            getattr(shutdown_task, "__qualname__", "").endswith("dummy_shutdown")
     except BaseException:
         if not await engine_cm.__aexit__(*sys.exc_info()):
             raise
@@ -264,6 +276,10 @@ async def run_server(args: argparse.Namespace, **uvicorn_kwargs) -> None:
         await shutdown_task
     finally:
         sock.close()
+    # vLLM's watchdog stops the HTTP server when the engine dies; a signal-driven stop
+    # returns uvicorn's shutdown() instead. Exit non-zero so an orchestrator restarts us.
+    if engine_died:
+        raise CLIError("the vLLM engine process died; the server stopped (restart it)", code=1)
 
 
 async def build_and_serve(engine_client, listen_address: str, sock, args: argparse.Namespace,
@@ -286,6 +302,9 @@ async def build_and_serve(engine_client, listen_address: str, sock, args: argpar
     await init_app_state(engine_client, app.state, args, supported_tasks)
     # --- FactorKV hook: our own routes, Prometheus collectors, startup hooks. ---
     install_factorkv_extensions(app, engine_client)
+    from server.guards import install_guards
+
+    install_guards(app, args, engine_client)  # access, body size, overload (429), error shape
 
     info = server_info(engine_client)
     kv = info["kv_cache"]
