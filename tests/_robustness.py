@@ -65,29 +65,28 @@ def raw_request(srv, method: str, path: str, body: bytes = b"", headers: dict | 
         conn.close()
 
 
-def start_and_drop(srv, path: str, body: dict, read_bytes: int = 400, wait: float = 0.0,
-                   timeout: float = 60.0) -> int:
-    """Send a request on a raw socket, read ``read_bytes`` of the answer (or just wait
-    ``wait`` s), then close the socket without reading the rest. Returns bytes read."""
+def open_request(srv, path: str, body: dict, read_bytes: int = 0,
+                 timeout: float = 60.0) -> socket.socket:
+    """Send a request on a raw socket and read ``read_bytes`` of the answer; the caller
+    then walks away with :func:`drop` (the rest is never read)."""
     data = json.dumps(body).encode()
     head = (f"POST {path} HTTP/1.1\r\nHost: {srv.host}:{srv.port}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
             + (f"Authorization: Bearer {srv.api_key}\r\n" if srv.api_key else "") + "\r\n")
     s = socket.create_connection((srv.host, srv.port), timeout=timeout)
-    try:
-        s.sendall(head.encode() + data)
-        got = 0
-        if wait:
-            time.sleep(wait)
-        while got < read_bytes:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            got += len(chunk)
-        return got
-    finally:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        s.close()  # RST: the client is gone
+    s.sendall(head.encode() + data)
+    got = 0
+    while got < read_bytes:
+        chunk = s.recv(4096)
+        assert chunk, "the server closed the stream early"
+        got += len(chunk)
+    return s
+
+
+def drop(s: socket.socket) -> None:
+    """Close abruptly (RST, like a killed client)."""
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    s.close()
 
 
 def generate(srv, model: str, i: int, max_tokens: int, stream: bool,
