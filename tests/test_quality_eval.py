@@ -214,3 +214,13 @@ def test_calibration_learned_freq_and_e2e_pass(default_model_dir, tmp_path):
     with torch.no_grad():
         diff = (E.ThinLM.from_dir(s.dst)(ids)[0] - FactoredReference(s.dst)(ids[0])).abs().max()
     assert diff < 1e-4
+    # the e2e pass alone, on an existing checkpoint (layer-wise stage not repeated)
+    from model_patches.calibrate import e2e_checkpoint
+    out = e2e_checkpoint(src, plain.dst, tmp_path / "e2e", progress=False, e2e_steps=2,
+                         e2e_seq_len=32, e2e_batch=2)
+    fk2 = json.loads((out / "config.json").read_text())["factored_keys"]
+    assert fk2["method"].endswith("+e2e") and fk2["calibration"]["e2e"]["steps"] == 2
+    assert fk2["rotary_inv_freq"] == fk0["rotary_inv_freq"]
+    with torch.no_grad():
+        diff = (E.ThinLM.from_dir(out)(ids)[0] - FactoredReference(out)(ids[0])).abs().max()
+    assert diff < 1e-4 and not (tmp_path / ".e2e.calib").exists()
