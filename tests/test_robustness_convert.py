@@ -1,8 +1,9 @@
 """Interrupted and corrupt inputs for `factorkv convert` and `factorkv prepare`.
 
-* SIGKILL a real `factorkv convert` of the default model while it computes and while it
-  writes: the destination never exists, and what is left (a ``.<dst>.tmp-*`` sibling) is
-  not something `factorkv serve` would take for a checkpoint.
+* SIGKILL a real `factorkv convert` of the default model while it computes, and (fault
+  injected) in the middle of writing the weights: the destination never exists, what is
+  left (a ``.<dst>.tmp-*`` sibling) is not something `factorkv serve` takes for a
+  checkpoint, and a re-run succeeds.
 * `factorkv prepare` from a truncated or garbage GGUF: one line ``factorkv: error: ...``
   naming the file (no traceback), exit 1, no model directory and no temp debris.
 (Killed prepare and truncated convert sources are in test_foundation_prepare.py and
@@ -32,42 +33,65 @@ def _env(**extra) -> dict:
         filter(None, [extra.pop("PYTHONPATH", None), str(REPO)])), **extra}
 
 
-@pytest.mark.parametrize("when", ["computing", "writing"])
-def test_killed_convert_leaves_no_checkpoint(default_model_dir, tmp_path, when):
-    dst = tmp_path / "smol-r32"
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "convert", str(default_model_dir),
-                             str(dst), "--key-rank", "32", "--stat-tokens", "512", "-q"],
-                            cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        if when == "computing":
-            time.sleep(4.0)  # imports done, statistics/factorisation under way
-        else:
-            while not any((p / "model.safetensors").exists()
-                          for p in tmp_path.glob(f".{dst.name}.tmp-*")):
-                assert proc.poll() is None, "convert finished before it could be interrupted"
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
-        assert proc.poll() is None, "convert finished before it could be interrupted"
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+#: Runs `factorkv convert` with safetensors' save_file replaced by one that writes half of
+#: the real file and then SIGKILLs its own process: a kill at the worst moment, every time.
+KILL_MID_WRITE = """
+import os, signal, sys
+import model_patches.factored_checkpoint as fc
+real_save = fc.save_file
+def save_half_then_die(tensors, path, metadata=None):
+    real_save(tensors, path, metadata=metadata)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+fc.save_file = save_half_then_die
+from server.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _convert_cmd(src, dst, killer: str | None = None) -> list[str]:
+    args = ["convert", str(src), str(dst), "--key-rank", "32", "--stat-tokens", "512", "-q"]
+    return [sys.executable, *(["-c", killer] if killer else ["-m", "server.cli"]), *args]
+
+
+def _assert_no_checkpoint(dst, tmp_path) -> list:
     assert not dst.exists()
     debris = list(tmp_path.glob(f".{dst.name}*"))
-    if when == "writing":
-        assert debris, "expected the temp directory of the interrupted write"
     for d in debris:
         assert d.name.startswith(f".{dst.name}.tmp-")
         with pytest.raises(CLIError):
             check_model_dir(d)          # `factorkv serve --model <debris>` refuses it
-    # and a re-run succeeds next to the debris
-    if when == "writing":
-        out = subprocess.run([sys.executable, "-m", "server.cli", "convert", str(default_model_dir),
-                              str(dst), "--key-rank", "32", "--stat-tokens", "512", "-q"],
-                             cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-2000:]
-        check_model_dir(dst)
+    return debris
+
+
+def test_convert_killed_while_computing(default_model_dir, tmp_path):
+    dst = tmp_path / "smol-r32"
+    proc = subprocess.Popen(_convert_cmd(default_model_dir, dst), cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(3.0)  # mid-run (the whole run takes ~11 s here)
+        assert proc.poll() is None, "convert finished before it could be interrupted"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    _assert_no_checkpoint(dst, tmp_path)
+
+
+def test_convert_killed_mid_write_then_rerun(default_model_dir, tmp_path):
+    dst = tmp_path / "smol-r32"
+    proc = subprocess.run(_convert_cmd(default_model_dir, dst, KILL_MID_WRITE), cwd=REPO,
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    debris = _assert_no_checkpoint(dst, tmp_path)
+    assert debris and any((d / "model.safetensors").exists() for d in debris)  # half-written
+    out = subprocess.run(_convert_cmd(default_model_dir, dst), cwd=REPO, env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    check_model_dir(dst)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])

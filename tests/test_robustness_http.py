@@ -173,7 +173,7 @@ def _schemathesis(srv, tmp_path, name: str, *args: str) -> str:
     cmd = [sys.executable, "-m", "schemathesis.cli", "run", srv.url("/openapi.json"),
            "--checks", "not_a_server_error", "--seed", "1", "--workers", "1",
            "--request-timeout", "60", "--no-color", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
     (tmp_path / f"schemathesis-{name}.txt").write_text(out)
     assert "Test cases:" in out, out[-3000:]
