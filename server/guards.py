@@ -197,7 +197,7 @@ class GuardMiddleware:
                 receive = await self._checked_body(scope, receive, send)
                 if receive is None:
                     return
-            await self.app(scope, receive, _ErrorShaper(send))
+            await self.app(scope, receive, send if method == "HEAD" else _ErrorShaper(send))
         finally:
             if counted:
                 self.stats.in_flight -= 1
@@ -230,7 +230,7 @@ class GuardMiddleware:
             chunks.append(chunk)
             more = msg.get("more_body", False)
         body = b"".join(chunks)
-        if body and not headers.get(b"content-type", b"").startswith(b"multipart/"):
+        if body and not headers.get(b"content-type", b"").lower().startswith(b"multipart/"):
             problem = body_problem(body)
             if problem:
                 self.stats.rejected["bad_body"] += 1

@@ -129,6 +129,9 @@ def _assert_healthy_and_answering(srv):
 def test_healthy_after_bad_inputs(default_server):
     for _, method, path, body, _ in BAD_INPUTS:  # again, back to back
         raw_request(default_server, method, path, body, timeout=120)
+    for path in ("/v1/no-such-route", "/v1/completions", "/health"):  # HEAD: no body back
+        status, _, content = raw_request(default_server, "HEAD", path, timeout=30)
+        assert status in (200, 404, 405) and content == b"", (path, status, content[:200])
     assert default_server.is_running()
     _assert_healthy_and_answering(default_server)
 
