@@ -56,14 +56,15 @@ def add_arguments(group) -> None:
     group.add_argument(
         "--max-queued-requests", type=int, default=None, metavar="N",
         help="admit at most max-num-seqs + N generation requests at once; more get HTTP 429 "
-             "with Retry-After (default: unbounded, vLLM queues everything)")
+             "with Retry-After (None: unbounded, vLLM queues everything)")
     group.add_argument(
         "--max-request-body-bytes", type=_size_arg, default=DEFAULT_MAX_BODY_BYTES,
-        metavar="SIZE", help="largest request body, e.g. 16MiB (the default); larger get "
-                             "HTTP 413; 0 = no limit")
+        metavar="SIZE", help="largest request body in bytes or a size such as 16MiB; larger "
+                             "get HTTP 413; 0 = no limit")
     group.add_argument(
         "--protect-metrics", action="store_true",
-        help="with --api-key, GET /metrics needs the key too (default: open, like /health)")
+        help="with --api-key, GET /metrics needs the key too (otherwise it is open, like "
+             "/health)")
 
 
 def check_arguments(args) -> None:
