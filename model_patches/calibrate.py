@@ -343,3 +343,89 @@ def e2e_checkpoint(src: str | Path, ckpt: str | Path, dst: str | Path, progress:
     write_factored(src, dst, cfg=cfg, family="llama", state=full, block=block, force=force)
     cleanup(dst)
     return dst
+
+
+def recover_merged(src: str | Path, cfg: dict, state: dict[str, torch.Tensor],
+                   progress: bool = True, **settings) -> tuple[dict[str, torch.Tensor], dict]:
+    """Recovery of a KV-head-merged Llama-family model (model_patches.head_merge): sequential
+    layer-wise attention-output matching, as calibrate_thin_qk but every attention weight of
+    the merged layer is trained (q/k/v/o and their biases; norms and MLPs are the source's).
+
+    cfg is the merged config (num_key_value_heads = N), state the merged state dict. Layer l
+    sees the student's own hidden state x_l; target = the source's attention block on it:
+
+        min ‖W_o' Attn_N(W_q' n_l, W_k' n_l, W_v' n_l) − W_o Attn_src(W_q n_l, W_k n_l, W_v n_l)‖²
+
+    Returns (state with the trained attention weights, a JSON-able report). Not resumable.
+    """
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from model_patches.factored_checkpoint import source_inv_freq
+    from model_patches.wiki_data import token_stream
+
+    opts = {**DEFAULTS, **settings}
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    n_layers, h, n_kv, d, hidden = model_dims(cfg)
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).to(dev).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    src_kv = model.config.num_key_value_heads
+    tok = AutoTokenizer.from_pretrained(str(src))
+    seq = opts["seq_len"]
+    ids = torch.tensor(token_stream(tok, "calibration")[: opts["tokens"]])
+    ids = ids[: len(ids) // seq * seq].view(-1, seq).to(dev)
+    pos = torch.arange(seq, device=dev)
+    inv, scaling = source_inv_freq(cfg)
+    src_rope = ThinRotaryEmbedding(inv[None].expand(src_kv, -1).double(), h, scaling).to(dev)
+    new_rope = ThinRotaryEmbedding(inv[None].expand(n_kv, -1).double(), h, scaling).to(dev)
+    scale = d ** -0.5
+    state, losses, t0 = dict(state), [], time.time()
+    with torch.no_grad():
+        x = model.model.embed_tokens(ids)
+    for i in tqdm(range(n_layers), desc="recovering merged attention", unit="layer",
+                  disable=not progress):
+        L = model.model.layers[i]
+        a = L.self_attn
+        p = f"model.layers.{i}.self_attn"
+        with torch.no_grad():
+            n = L.input_layernorm(x)
+            target = a.o_proj(_attn(a.q_proj(n), a.k_proj(n), a.v_proj(n), h, src_kv, d, d,
+                                    scale, src_rope, pos))
+        names = [f"{p}.{m}_proj.{t}" for m in "qkvo" for t in ("weight", "bias")
+                 if f"{p}.{m}_proj.{t}" in state]
+        w = {k: state[k].clone().to(dev).requires_grad_(True) for k in names}
+        opt = torch.optim.Adam(list(w.values()), lr=opts["lr"])
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, opts["steps"])
+        gen = torch.Generator().manual_seed(i)
+        norm = target.pow(2).mean().clamp_min(1e-12)
+
+        def out(idx):
+            lin = {m: F.linear(n[idx], w[f"{p}.{m}_proj.weight"], w.get(f"{p}.{m}_proj.bias"))
+                   for m in "qkv"}
+            o = _attn(lin["q"], lin["k"], lin["v"], h, n_kv, d, d, scale, new_rope, pos)
+            return F.linear(o, w[f"{p}.o_proj.weight"], w.get(f"{p}.o_proj.bias"))
+
+        def loss_on(idx):
+            return (out(idx) - target[idx]).pow(2).mean() / norm
+
+        everything = torch.arange(len(ids), device=dev)
+        with torch.no_grad():
+            before = loss_on(everything).item()
+        for _ in range(opts["steps"]):
+            loss = loss_on(torch.randperm(len(ids), generator=gen)[: opts["batch"]].to(dev))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        with torch.no_grad():
+            after = loss_on(everything).item()
+            state.update({k: v.detach().cpu() for k, v in w.items()})
+            x = x + out(everything)
+            x = x + L.mlp(L.post_attention_layernorm(x))
+        losses.append({"layer": i, "relative_mse_before": before, "relative_mse_after": after})
+    report = {"recipe": "sequential layer-wise attention-output matching, q/k/v/o",
+              "tokens": int(ids.numel()), "seq_len": seq, "steps_per_layer": opts["steps"],
+              "batch": opts["batch"], "lr": opts["lr"], "device": str(dev),
+              "seconds": round(time.time() - t0, 1), "layers": losses}
+    return state, report

@@ -2,6 +2,8 @@
 
     convert(src, dst, key_rank=16)                          # or key_cache_ratio=0.25
     convert(src, dst, key_rank=16, init="best-pairs", calibrate=True)
+    convert(src, dst, kv_heads=1)                           # KV head merging only (GQA output)
+    convert(src, dst, kv_heads=1, key_rank=32)              # merge first, then factor keys
 
 1. Calibration statistics: the source model runs on calibration text (the gensim
    Wikipedia calibration split, disjoint from evaluation) and the second moment
@@ -11,6 +13,12 @@
    and the RoPE frequency table of the thin dims.
 3. Optional calibration (model_patches.calibrate): QK-only recovery against the source.
 4. Written atomically through model_patches.factored_checkpoint.write_factored.
+
+With kv_heads=N, model_patches.head_merge first merges the KV heads (a standard GQA
+checkpoint; alone, that is the output), optionally recovered against the source
+(recover=..., model_patches.calibrate.recover_merged). With a key rank too, the merged model is written to
+a temp dir next to dst and factored from there by steps 1-4 (calibration then distils
+against the merged model), and the temp dir is removed.
 """
 
 from __future__ import annotations
@@ -38,11 +46,14 @@ class ConvertSummary:
     head_dim: int
     kv_bytes_per_token: int
     baseline_kv_bytes_per_token: int
+    kv_heads: tuple[int, int] | None = None        # (source, merged) with --kv-heads
 
     def lines(self) -> list[str]:
         r = self.ranks[0] if len(set(self.ranks)) == 1 else self.ranks
         cut = 1 - self.kv_bytes_per_token / self.baseline_kv_bytes_per_token
-        return [f"wrote {self.dst}",
+        merged = [] if self.kv_heads is None else [
+            f"KV heads {self.kv_heads[0]} -> {self.kv_heads[1]} (merged before factoring)"]
+        return [f"wrote {self.dst}", *merged,
                 f"key rank r = {r} of head_dim {self.head_dim} "
                 f"(key cache cut {1 - sum(self.ranks) / (len(self.ranks) * self.head_dim):.1%})",
                 f"KV cache bytes per token (fp16): {self.baseline_kv_bytes_per_token:,} -> "
@@ -70,8 +81,9 @@ def resolve_rank(cfg: dict, key_rank: int | None, key_cache_ratio: float | None,
 
 
 def input_moments(src: str | Path, n_tokens: int = DEFAULT_STAT_TOKENS, seq_len: int = 512,
-                  progress: bool = True) -> list[torch.Tensor]:
-    """C_x[l] = E[x xᵀ] (float64) of the input of every attention block, on calibration text."""
+                  progress: bool = True, augment: bool = False) -> list[torch.Tensor]:
+    """C_x[l] = E[x xᵀ] (float64) of the input of every attention block, on calibration text.
+    augment: the moments of [x; 1] instead (E[x] in the last row and column), for biases."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from model_patches.wiki_data import token_stream
@@ -86,13 +98,15 @@ def input_moments(src: str | Path, n_tokens: int = DEFAULT_STAT_TOKENS, seq_len:
         norms = [layer.input_layernorm for layer in model.model.layers]
     else:
         norms = [block.ln_1 for block in model.transformer.h]
-    sums = [torch.zeros(model.config.hidden_size, model.config.hidden_size, dtype=torch.float64)
-            for _ in norms]
+    n = model.config.hidden_size + int(augment)
+    sums = [torch.zeros(n, n, dtype=torch.float64) for _ in norms]
     count = [0]
 
     def hook(i):
         def fn(_module, _inp, out):
             x = out.reshape(-1, out.shape[-1]).double()
+            if augment:
+                x = torch.cat((x, torch.ones(len(x), 1, dtype=x.dtype)), 1)
             sums[i].add_(x.T @ x)
         return fn
     handles = [n.register_forward_hook(hook(i)) for i, n in enumerate(norms)]
@@ -159,16 +173,30 @@ def init_thin_state(cfg: dict, sd: dict[str, torch.Tensor], family: str, rank: i
 
 
 def convert(src: str | Path, dst: str | Path, *, key_rank: int | None = None,
-            key_cache_ratio: float | None = None, init: str = DEFAULT_INIT,
+            key_cache_ratio: float | None = None, kv_heads: int | None = None,
+            merge_keys: str = "complex", recover: dict | None = None, init: str = DEFAULT_INIT,
             calibrate: bool = False, stat_tokens: int = DEFAULT_STAT_TOKENS,
             calibration: dict | None = None, force: bool = False,
-            progress: bool = True) -> ConvertSummary:
-    """Write a factored checkpoint of `src` at `dst` (see the module docstring)."""
+            progress: bool = True):
+    """Write a factored checkpoint of `src` at `dst` (see the module docstring); with only
+    `kv_heads`, the merged GQA checkpoint (returns a head_merge.MergeSummary). recover (with
+    kv_heads): settings of the merged model's recovery (calibrate.recover_merged), {} = defaults."""
     src, dst = Path(src), Path(dst)
     if init not in METHODS:
         raise ConversionError(f"--init {init!r} is not one of {', '.join(METHODS)}")
     if dst.exists() and not force:
         raise ConversionError(f"{dst} already exists (pass --force to replace it)")
+    factor = key_rank is not None or key_cache_ratio is not None
+    if kv_heads is None and not factor:
+        raise ConversionError("give --key-rank, --key-cache-ratio or --kv-heads")
+    if recover is not None and kv_heads is None:
+        raise ConversionError("--recover trains merged KV heads: it needs --kv-heads")
+    if kv_heads is not None:
+        return _merge_then_factor(src, dst, kv_heads, merge_keys, factor, recover,
+                                  key_rank=key_rank,
+                                  key_cache_ratio=key_cache_ratio, init=init,
+                                  calibrate=calibrate, stat_tokens=stat_tokens,
+                                  calibration=calibration, force=force, progress=progress)
     cfg, sd, family = read_source(src)
     rank = resolve_rank(cfg, key_rank, key_cache_ratio, family)
     moments = input_moments(src, stat_tokens, progress=progress)
@@ -176,11 +204,17 @@ def convert(src: str | Path, dst: str | Path, *, key_rank: int | None = None,
                                            src.name)
     _, _, _, d, _ = model_dims(cfg)
     method = f"{init}" if family == "llama" else "whitened-svd"
+    merge = cfg.get("kv_head_merge")
+    if merge:           # a merged model (head_merge): say so, and name the real source
+        method = f"kv-merge-{merge['merge_keys']}+{method}"
     block = {"format_version": FORMAT_VERSION, "key_rank": rank, "head_dim": d,
              "softmax_scale": d ** -0.5, "rotary_inv_freq": table,
              "rotary_attention_scaling": scaling, "method": method,
-             "source_model": cfg.get("_name_or_path") or src.name,
+             "source_model": (merge or {}).get("source_model") or cfg.get("_name_or_path")
+             or src.name,
              "source_architecture": (cfg.get("architectures") or [""])[0]}
+    if merge:
+        block["kv_head_merge"] = merge
     if calibrate:
         from model_patches.calibrate import calibrate_thin_qk
         state, report = calibrate_thin_qk(src, cfg, family, state, block, dst=dst,
@@ -194,6 +228,40 @@ def convert(src: str | Path, dst: str | Path, *, key_rank: int | None = None,
     fk = FactoredKeysConfig.from_hf_config(json.loads((dst / "config.json").read_text()))
     return ConvertSummary(dst, list(fk.ranks), d, 2 * fk.kv_elements_per_token(),
                           2 * fk.baseline_kv_elements_per_token())
+
+
+def _merge_then_factor(src: Path, dst: Path, kv_heads: int, merge_keys: str, factor: bool,
+                       recover: dict | None, *, key_rank, key_cache_ratio, init, calibrate, stat_tokens, calibration,
+                       force, progress):
+    """--kv-heads [--key-rank R]: every argument is checked before any work; the merged model
+    goes to dst directly, or to a temp dir next to dst that the factoring reads."""
+    import shutil
+    import tempfile
+
+    from model_patches.head_merge import check_kv_heads, merge_kv_heads
+
+    cfg, _, family = read_source(src)
+    check_kv_heads(cfg, family, kv_heads, merge_keys)
+    if not factor:
+        if calibrate or calibration:
+            raise ConversionError("--calibrate calibrates thin keys: it needs --key-rank or "
+                                  "--key-cache-ratio (--recover trains the merged heads)")
+        return merge_kv_heads(src, dst, kv_heads, merge_keys=merge_keys, recover=recover,
+                              stat_tokens=stat_tokens, force=force, progress=progress)
+    resolve_rank(cfg, key_rank, key_cache_ratio, family)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-merge-", dir=dst.parent))
+    try:
+        merged = merge_kv_heads(src, work / "merged", kv_heads, merge_keys=merge_keys,
+                                recover=recover, stat_tokens=stat_tokens, progress=progress)
+        summary = convert(merged.dst, dst, key_rank=key_rank, key_cache_ratio=key_cache_ratio,
+                          init=init, calibrate=calibrate, stat_tokens=stat_tokens,
+                          calibration=calibration, force=force, progress=progress)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    summary.baseline_kv_bytes_per_token = merged.baseline_kv_bytes_per_token
+    summary.kv_heads = merged.kv_heads
+    return summary
 
 
 __all__ = ["convert", "ConvertSummary", "ConversionError", "resolve_rank", "input_moments",

@@ -97,17 +97,15 @@ def gpt2_qkv(sd: dict[str, torch.Tensor], i: int, hidden: int) -> dict[str, torc
     return out
 
 
-def write_factored(src: str | Path, dst: str | Path, *, cfg: dict, family: str,
-                   state: dict[str, torch.Tensor], block: dict, force: bool = False) -> Path:
-    """Write a factored checkpoint atomically: config + weights + tokenizer files into a temp
-    dir next to dst, validate it, then rename. `state` is the complete new state dict."""
+def write_checkpoint(src: str | Path, dst: str | Path, cfg: dict, state: dict[str, torch.Tensor],
+                     *, force: bool = False, validate: Callable[[Path], object] | None = None
+                     ) -> Path:
+    """Write an HF checkpoint directory atomically: tokenizer and other non-weight files of
+    src, `state` as model.safetensors and `cfg` as config.json (last) into a temp dir next to
+    dst, `validate(tmp)`, then rename. A kill leaves at most a `.<dst>.tmp-*` sibling."""
     src, dst = Path(src), Path(dst)
     if dst.exists() and not force:
         raise ConversionError(f"{dst} already exists (pass --force to replace it)")
-    new_cfg = dict(cfg)
-    new_cfg["architectures"] = [GPT2_ARCH if family == "gpt2" else LLAMA_ARCH]
-    new_cfg[BLOCK] = block
-    FactoredKeysConfig.from_hf_config(new_cfg)  # validate before writing anything
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
@@ -117,9 +115,9 @@ def write_factored(src: str | Path, dst: str | Path, *, cfg: dict, family: str,
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         # config.json last: a directory without it is never mistaken for a checkpoint.
-        (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2))
-        from engine.checkpoint import validate_checkpoint_dir
-        validate_checkpoint_dir(tmp)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        if validate is not None:
+            validate(tmp)
         if dst.exists():
             shutil.rmtree(dst)
         os.replace(tmp, dst)
@@ -127,6 +125,23 @@ def write_factored(src: str | Path, dst: str | Path, *, cfg: dict, family: str,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def write_factored(src: str | Path, dst: str | Path, *, cfg: dict, family: str,
+                   state: dict[str, torch.Tensor], block: dict, force: bool = False) -> Path:
+    """Write a factored checkpoint atomically (write_checkpoint), validated.
+    `state` is the complete new state dict."""
+    from engine.checkpoint import validate_checkpoint_dir
+
+    dst = Path(dst)
+    if dst.exists() and not force:
+        raise ConversionError(f"{dst} already exists (pass --force to replace it)")
+    new_cfg = dict(cfg)
+    new_cfg["architectures"] = [GPT2_ARCH if family == "gpt2" else LLAMA_ARCH]
+    new_cfg[BLOCK] = block
+    FactoredKeysConfig.from_hf_config(new_cfg)  # validate before writing anything
+    return write_checkpoint(src, dst, new_cfg, state, force=force,
+                            validate=validate_checkpoint_dir)
 
 
 def _block(cfg: dict, src: Path, rank: int | list[int], inv_freq, scaling: float,

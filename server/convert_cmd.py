@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "convert an HF Llama/GPT-2 checkpoint to factored (thin) keys, optionally calibrated"
+HELP = ("convert an HF Llama/GPT-2 checkpoint to factored (thin) keys, optionally calibrated, "
+        "and/or merge its KV heads (MHA -> GQA)")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from model_patches.head_merge import MERGE_KEYS
     from model_patches.thin_init import METHODS
 
     p = subparsers.add_parser(
@@ -15,13 +17,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Write a factored checkpoint of SRC at DST (docs/checkpoint-format.md): key "
                     "projections of rank r per KV head, the other factor absorbed into the queries. "
                     "Data-aware initialisation from calibration text (gensim Wikipedia, "
-                    "calibration split); --calibrate adds QK-only recovery against SRC.")
+                    "calibration split); --calibrate adds QK-only recovery against SRC. "
+                    "--kv-heads N merges the KV heads into N (a standard GQA checkpoint that "
+                    "stock vLLM serves; with --key-rank, merged first, then factored).")
     p.add_argument("src", help="HF model directory (safetensors)")
     p.add_argument("dst", help="output directory (written atomically)")
-    size = p.add_mutually_exclusive_group(required=True)
+    size = p.add_mutually_exclusive_group()
     size.add_argument("--key-rank", type=int, metavar="R", help="thin key dims per KV head")
     size.add_argument("--key-cache-ratio", type=float, metavar="F",
                       help="kept fraction of key dims, e.g. 0.25 for a 75%% key-cache cut")
+    p.add_argument("--kv-heads", type=int, metavar="N",
+                   help="merge the KV heads into N (calibrated low-rank merging; N divides the "
+                        "query heads and is less than the KV heads)")
+    p.add_argument("--merge-keys", choices=MERGE_KEYS, default="complex",
+                   help="key merging for --kv-heads: complex = per-frequency complex PCA, exact "
+                        "under RoPE (default); real = per-dimension real PCA (does not commute "
+                        "with RoPE)")
+    p.add_argument("--recover", action="store_true",
+                   help="after --kv-heads merging, train the merged attention (q/k/v/o) layer by "
+                        "layer to match SRC's attention outputs (uses --calib-tokens/--calib-steps)")
     p.add_argument("--init", choices=METHODS, default="partial-rope",
                    help="initialisation (default: partial-rope; see docs/methods.md)")
     p.add_argument("--calibrate", action="store_true", help="QK-only calibration against SRC")
@@ -54,11 +68,20 @@ def run(args: argparse.Namespace) -> int:
                    if v is not None}
     if args.learn_freq:
         calibration["learn_freq"] = True
+    recover = None
+    if args.recover:
+        recover = {k: v for k, v in (("tokens", args.calib_tokens), ("steps", args.calib_steps))
+                   if v is not None}
+        if not args.calibrate:
+            calibration = {k: v for k, v in calibration.items() if k not in recover}
     if calibration and not args.calibrate:
-        raise CLIError("--calib-*, --learn-freq and --e2e-* need --calibrate", code=2)
+        raise CLIError("--calib-*, --learn-freq and --e2e-* need --calibrate"
+                       + (" (--recover takes only --calib-tokens/--calib-steps)"
+                          if args.recover else ""), code=2)
     try:
         summary = convert(args.src, args.dst, key_rank=args.key_rank,
-                          key_cache_ratio=args.key_cache_ratio, init=args.init,
+                          key_cache_ratio=args.key_cache_ratio, kv_heads=args.kv_heads,
+                          merge_keys=args.merge_keys, recover=recover, init=args.init,
                           calibrate=args.calibrate, calibration=calibration or None,
                           stat_tokens=args.stat_tokens or DEFAULT_STAT_TOKENS, force=args.force,
                           progress=not args.quiet)
