@@ -4,7 +4,11 @@ Variants (checkpoints under ``<work>/models/``, built on first use with the conv
   original      the prepared default model (SmolLM2-135M-Instruct, float32)
   init-rR       `factorkv convert SRC DST --key-rank R`               (training-free init)
   cal-rR        `factorkv convert SRC DST --key-rank R --calibrate`   (current recipe)
-  NAME=PATH     any other factored checkpoint (``--variant``)
+  merge-kvN     `factorkv convert SRC DST --kv-heads N`               (KV head merging, GQA)
+  merge-kvN-real                 ... `--merge-keys real` (non-RoPE-commuting key merge)
+  merge-kvN-rec                  ... `--recover` (merged attention trained against the source)
+  merge-kvN[-real][-rec]-rR, ...-cal-rR    merged, then factored (and calibrated)
+  NAME=PATH     any other checkpoint, factored or not (``--variant``)
 
 Metrics (model_patches.evaluate, plain batched torch, float32), cached per variant in
 ``<work>/results/<variant>.json`` keyed by the metric's settings and the checkpoint's
@@ -14,7 +18,8 @@ fingerprint, so a re-run only computes what is missing:
   * greedy answers to 5 chat prompts;
   * for one variant, the perplexity recomputed through the vLLM engine (prompt logprobs of
     the same windows) and compared with the torch number.
-The report (markdown) is written to ``--out`` (docs/results/quality.md).
+The report (markdown) is written to ``--out`` (docs/results/quality.md), with a KV bytes
+per token vs perplexity table and its plot (``quality-pareto.png`` next to the report).
 """
 
 from __future__ import annotations
@@ -31,7 +36,53 @@ import torch
 
 from model_patches.evaluate import EvalError
 
-DEFAULT_VARIANTS = ("original", "init-r32", "cal-r32", "init-r16", "cal-r16", "init-r8", "cal-r8")
+DEFAULT_VARIANTS = ("original", "init-r32", "cal-r32", "init-r16", "cal-r16", "init-r8", "cal-r8",
+                    "merge-kv1", "merge-kv1-real", "merge-kv1-rec", "merge-kv1-r32",
+                    "merge-kv1-rec-cal-r32")
+PARETO_PNG = "quality-pareto.png"
+VARIANT_NAMES = "original, init-rR, cal-rR, merge-kvN[-real][-rec][-rR|-cal-rR], or NAME=PATH"
+
+
+def parse_variant(name: str) -> dict | None:
+    """The convert() arguments of a built-in variant name ({} for original), None if the name
+    is not one: init-rR, cal-rR, merge-kvN[-real][-rec], merge-kvN[-real][-rec]-rR,
+    merge-kvN[-real][-rec]-cal-rR (real: --merge-keys real, rec: --recover)."""
+    if name == "original":
+        return {}
+    parts, out = name.split("-"), {}
+    if parts[0] == "merge":
+        if len(parts) < 2 or not parts[1].startswith("kv") or not parts[1][2:].isdigit():
+            return None
+        out["kv_heads"] = int(parts[1][2:])
+        parts = parts[2:]
+        if parts[:1] == ["real"]:
+            out["merge_keys"], parts = "real", parts[1:]
+        if parts[:1] == ["rec"]:                # --recover with its default settings
+            out["recover"], parts = {}, parts[1:]
+        if not parts:
+            return out
+        if parts[0] in ("init", "cal"):         # merge-kv1-cal-r32 (merge-kv1-init-r32 = -r32)
+            out["calibrate"], parts = parts[0] == "cal", parts[1:]
+    elif parts[0] in ("init", "cal"):
+        out["calibrate"], parts = parts[0] == "cal", parts[1:]
+    else:
+        return None
+    if len(parts) != 1 or not parts[0].startswith("r") or not parts[0][1:].isdigit():
+        return None
+    out["key_rank"] = int(parts[0][1:])
+    return out
+
+
+def variant_priority(name: str) -> int:
+    """Order of computation: original, calibrated, extra/merged, then init-only variants."""
+    spec = parse_variant(name)
+    if spec is None:
+        return 2
+    if not spec:
+        return 0
+    if spec.get("calibrate") or "recover" in spec:
+        return 1
+    return 2 if "kv_heads" in spec else 3
 
 
 def work_dir(path: str | None = None) -> Path:
@@ -72,22 +123,23 @@ class Results:
 
 def resolve_variant(name: str, root: Path, src: Path, extra: dict[str, Path],
                     progress: bool = True) -> Path:
-    """Checkpoint dir of a variant; init-rR / cal-rR are converted on first use."""
+    """Checkpoint dir of a variant; built-in ones (parse_variant) are converted on first use."""
     if name in extra:
         return extra[name]
     if name == "original":
         return src
-    kind, _, r = name.partition("-r")
-    if kind not in ("init", "cal") or not r.isdigit():
-        raise EvalError(f"unknown variant {name!r} (original, init-rR, cal-rR, or NAME=PATH)")
+    spec = parse_variant(name)
+    if spec is None:
+        raise EvalError(f"unknown variant {name!r} ({VARIANT_NAMES})")
     path = root / "models" / name
     if not (path / "config.json").exists():
         from model_patches.convert import convert
         t0 = time.time()
-        print(f"[eval] building {name}: factorkv convert {src} {path} --key-rank {r}"
-              + (" --calibrate" if kind == "cal" else ""), file=sys.stderr, flush=True)
-        convert(src, path, key_rank=int(r), calibrate=kind == "cal", progress=progress,
-                force=True)
+        flags = "".join(f" --{k.replace('_', '-')}" + ("" if v is True or v == {} else f" {v}")
+                        for k, v in spec.items() if v is not False)
+        print(f"[eval] building {name}: factorkv convert {src} {path}{flags}", file=sys.stderr,
+              flush=True)
+        convert(src, path, progress=progress, force=True, **spec)
         print(f"[eval] built {name} in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     return path
 
@@ -165,13 +217,98 @@ def _cut(rank: int | None, d: int = 64) -> str:
 
 
 def _ckpt_info(ckpt: Path) -> dict:
+    from engine.checkpoint import model_dims
+    from server.kv_memory import kv_layout
+
     cfg = json.loads((ckpt / "config.json").read_text())
     fk = cfg.get("factored_keys") or {}
     cal = fk.get("calibration") or {}
-    from engine.checkpoint import model_dims
-    return {"rank": fk.get("key_rank"), "method": fk.get("method", "original"),
+    merge = fk.get("kv_head_merge") or cfg.get("kv_head_merge")
+    method = fk.get("method") or (f"kv-merge-{merge['merge_keys']}" if merge else "original")
+    return {"rank": fk.get("key_rank"), "method": method,
             "calib_seconds": cal.get("seconds"), "calib_tokens": cal.get("tokens"),
-            "e2e": cal.get("e2e"), "head_dim": fk.get("head_dim") or model_dims(cfg)[3]}
+            "e2e": cal.get("e2e"), "head_dim": fk.get("head_dim") or model_dims(cfg)[3],
+            "kv_heads": model_dims(cfg)[2],
+            "kv_bytes": kv_layout(cfg, "fp16").bytes_per_token}
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points (cost, loss) that no other point beats on both (ties: first),
+    sorted by cost."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best = [], float("inf")
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def _kv_rows(variants: list[str], ckpts: dict[str, Path], metrics: dict[str, dict],
+             ctxs: list[int], n_tok: int) -> list[dict]:
+    base = metrics["original"]
+    rows = []
+    for v in variants:
+        info = _ckpt_info(ckpts[v])
+        ppl = {c: metrics[v][f"ppl/ctx{c}/tokens{n_tok}"]["ppl"] for c in ctxs}
+        delta = {c: ppl[c] / base[f"ppl/ctx{c}/tokens{n_tok}"]["ppl"] - 1 for c in ctxs}
+        rows.append({"variant": v, **info, "ppl": ppl, "delta": delta})
+    ref = next(r["kv_bytes"] for r in rows if r["variant"] == "original")
+    for r in rows:
+        r["ratio"] = r["kv_bytes"] / ref
+    return rows
+
+
+def kv_table(rows: list[dict], ctxs: list[int]) -> list[str]:
+    """Markdown: every variant's KV bytes per token (fp16) against its perplexity, cheapest
+    cache first; ★ marks the Pareto front at the first context."""
+    front = {rows[i]["variant"] for i in pareto_front(
+        [(r["kv_bytes"], r["ppl"][ctxs[0]]) for r in rows])}
+    L = ["| variant | method | KV heads | key dims | KV bytes / token (fp16) | of original | "
+         + " | ".join(f"PPL @{c} | Δ @{c}" for c in ctxs) + " | front |",
+         "|---|---|---:|---:|---:|---:|" + "---:|" * (2 * len(ctxs)) + ":---:|"]
+    for r in sorted(rows, key=lambda r: (-r["kv_bytes"], r["ppl"][ctxs[0]])):
+        cells = []
+        for c in ctxs:
+            cells += [f"{r['ppl'][c]:.3f}",
+                      "–" if r["variant"] == "original" else f"{100 * r['delta'][c]:+.1f}%"]
+        L.append(f"| {r['variant']} | {r['method']} | {r['kv_heads']} | "
+                 f"{r['rank'] or r['head_dim']} | {r['kv_bytes']:,} | {r['ratio']:.3f} "
+                 f"({1 / r['ratio']:.2f}x fewer) | " + " | ".join(cells)
+                 + f" | {'★' if r['variant'] in front else ''} |")
+    return L
+
+
+def pareto_plot(path: Path, rows: list[dict], ctxs: list[int]) -> Path:
+    """PNG: perplexity against KV bytes per token, one series per context, the Pareto front
+    of each drawn as a step line, points labelled with the variant names."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for c, marker in zip(ctxs, "os^dv"):
+        xs = [r["kv_bytes"] for r in rows]
+        ys = [r["ppl"][c] for r in rows]
+        pts = ax.scatter(xs, ys, marker=marker, label=f"PPL @{c} tokens", zorder=3)
+        front = pareto_front(list(zip(xs, ys)))
+        ax.step([xs[i] for i in front], [ys[i] for i in front], where="post",
+                color=pts.get_facecolor()[0], alpha=0.6, zorder=2)
+        if c == ctxs[0]:
+            for r, x, y in zip(rows, xs, ys):
+                ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7)
+    ax.set_xlabel("KV cache bytes per token (fp16, all layers)")
+    ax.set_ylabel("perplexity (held-out Wikipedia), log scale")
+    ax.set_yscale("log")
+    ax.set_title("KV memory vs quality: factored keys, KV head merging, both")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def write_report(path: Path, variants: list[str], ckpts: dict[str, Path],
@@ -204,6 +341,17 @@ def write_report(path: Path, variants: list[str], ckpts: dict[str, Path],
                  f"{_cut(info['rank'], info['head_dim'])} | "
                  + " | ".join(cells) + " |")
     L += ["", "Targets (issue 4): 50% cut ≤ +1%, 75% ≤ +3%, 87.5% ≤ +8%.", ""]
+    rows = _kv_rows(variants, ckpts, metrics, ctxs, n_tok)
+    plot = pareto_plot(path.parent / PARETO_PNG, rows, ctxs)
+    L += ["## KV bytes per token vs perplexity", "",
+          "Every variant's KV cache cost per token (fp16 elements, all layers: "
+          "Σ_l H_kv · (r_l + D) · 2 bytes; `server/kv_memory.py`) against its perplexity above. "
+          "Factored keys shrink r, KV head merging (`--kv-heads`, docs/methods.md) shrinks H_kv, "
+          "and the two compose. ★: on the Pareto front at context "
+          f"{ctxs[0]} (no variant has both fewer bytes and a lower perplexity).", "",
+          *kv_table(rows, ctxs), "",
+          "Target (issue 7): ≥ 3× fewer KV bytes per token than the original at ≤ +3% perplexity.",
+          "", f"![KV bytes per token vs perplexity]({plot.name})", ""]
     # vLLM check
     vv, vc = opts["vllm_variant"], opts["vllm_ctx"]
     vm = metrics.get(vv, {}).get(f"vllm-ppl/ctx{vc}/tokens{n_tok}") if vv else None
@@ -298,18 +446,15 @@ def run_benchmark(opts: dict, command: str, log=print) -> Path:
     if "original" not in variants:
         variants.insert(0, "original")
     for v in variants:                      # fail on a bad name before any work
-        kind, _, r = v.partition("-r")
-        if v not in extra and v != "original" and (kind not in ("init", "cal") or not r.isdigit()):
-            raise EvalError(f"unknown variant {v!r} (original, init-rR, cal-rR, or NAME=PATH)")
+        if v not in extra and parse_variant(v) is None:
+            raise EvalError(f"unknown variant {v!r} ({VARIANT_NAMES})")
     for name, path in extra.items():
         if not (path / "config.json").is_file():
             raise EvalError(f"--variant {name}={path}: not a checkpoint directory")
     ckpts, metrics = {}, {}
-    # compute the most telling variants first (original, calibrated, extra, then init-only);
-    # the report keeps the given order
-    prio = {"original": 0, "cal": 1, "init": 3}
-    for v in sorted(variants, key=lambda v: prio.get(v.partition("-")[0] if v not in extra
-                                                      else "", 2)):
+    # compute the most telling variants first (original, calibrated, extra and merged, then
+    # init-only); the report keeps the given order
+    for v in sorted(variants, key=lambda v: 2 if v in extra else variant_priority(v)):
         ckpts[v] = resolve_variant(v, root, src, extra, opts["progress"])
         metrics[v] = evaluate_variant(v, ckpts[v], root, tok, opts, log)
     out = Path(opts["out"])

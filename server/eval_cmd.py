@@ -23,13 +23,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "eval", help=HELP,
         description="Perplexity on held-out Wikipedia text, passkey retrieval and greedy chat "
                     "answers of the default model and its factored variants (init-rR: converted, "
-                    "cal-rR: converted with --calibrate; built on first use), plus one row "
+                    "cal-rR: converted with --calibrate; merge-kvN[-real][-rec][-rR|-cal-rR]: KV "
+                    "heads merged into N (real: --merge-keys real, rec: --recover), then "
+                    "optionally factored; built on first use), plus one row "
                     "recomputed through the vLLM engine. Results are cached per variant; the "
                     "report goes to --out. See docs/results/quality.md.")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                   help="comma-separated: original, init-rR, cal-rR (default: %(default)s)")
+                   help="comma-separated: original, init-rR, cal-rR, "
+                        "merge-kvN[-real][-rec][-rR|-cal-rR] (default: %(default)s)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=PATH",
-                   help="also evaluate this factored checkpoint (repeatable)")
+                   help="also evaluate this checkpoint, factored or not (repeatable)")
     p.add_argument("--contexts", type=_ints, default=[512, 2048], help="PPL contexts")
     p.add_argument("--eval-tokens", type=int, default=51200,
                    help="held-out tokens per context (default: %(default)s)")
@@ -71,10 +74,10 @@ def run(args: argparse.Namespace) -> int:
     for v in variants + list(extra):
         if v in full:
             passkey_n[v] = args.passkey_n
-        elif v == "original" or v.startswith("cal-") or v in extra:
+        elif v == "original" or v.startswith(("cal-", "merge-")) or v in extra:
             passkey_n[v] = args.passkey_n_other
-    chat = [v for v in variants + list(extra) if v == "original" or v.startswith("cal-")
-            or v in extra]
+    chat = [v for v in variants + list(extra) if v == "original"
+            or v.startswith(("cal-", "merge-")) or v in extra]
     opts = {"variants": variants, "extra": extra, "contexts": args.contexts,
             "eval_tokens": args.eval_tokens, "passkey_lengths": args.passkey_lengths,
             "passkey_n": passkey_n, "chat": chat, "vllm_variant": args.vllm_variant or None,
