@@ -383,8 +383,9 @@ def recover_merged(src: str | Path, cfg: dict, state: dict[str, torch.Tensor],
     state, losses, t0 = dict(state), [], time.time()
     with torch.no_grad():
         x = model.model.embed_tokens(ids)
-    for i in tqdm(range(n_layers), desc="recovering merged attention", unit="layer",
-                  disable=not progress):
+    bar = tqdm(range(n_layers), desc="recovering merged attention", unit="layer",
+               disable=not progress)
+    for i in bar:
         L = model.model.layers[i]
         a = L.self_attn
         p = f"model.layers.{i}.self_attn"
@@ -424,6 +425,7 @@ def recover_merged(src: str | Path, cfg: dict, state: dict[str, torch.Tensor],
             x = x + out(everything)
             x = x + L.mlp(L.post_attention_layernorm(x))
         losses.append({"layer": i, "relative_mse_before": before, "relative_mse_after": after})
+        bar.set_postfix(rel_mse=f"{before:.3f}->{after:.3f}")
     report = {"recipe": "sequential layer-wise attention-output matching, q/k/v/o",
               "tokens": int(ids.numel()), "seq_len": seq, "steps_per_layer": opts["steps"],
               "batch": opts["batch"], "lr": opts["lr"], "device": str(dev),

@@ -37,8 +37,7 @@ import torch
 from model_patches.evaluate import EvalError
 
 DEFAULT_VARIANTS = ("original", "init-r32", "cal-r32", "init-r16", "cal-r16", "init-r8", "cal-r8",
-                    "merge-kv1", "merge-kv1-real", "merge-kv1-rec", "merge-kv1-r32",
-                    "merge-kv1-rec-cal-r32")
+                    "merge-kv1", "merge-kv1-real", "merge-kv1-r32", "merge-kv1-rec")
 PARETO_PNG = "quality-pareto.png"
 VARIANT_NAMES = "original, init-rR, cal-rR, merge-kvN[-real][-rec][-rR|-cal-rR], or NAME=PATH"
 
@@ -298,6 +297,11 @@ def pareto_plot(path: Path, rows: list[dict], ctxs: list[int]) -> Path:
             for r, x, y in zip(rows, xs, ys):
                 ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(4, 4),
                             fontsize=7)
+    orig = next((r for r in rows if r["variant"] == "original"), None)
+    if orig is not None:            # the issue-7 target region: ≥ 3x fewer bytes, ≤ +3% PPL
+        ax.axvline(orig["kv_bytes"] / 3, color="gray", ls=":", lw=1, label="3x fewer KV bytes")
+        ax.axhline(orig["ppl"][ctxs[0]] * 1.03, color="gray", ls="--", lw=1,
+                   label=f"+3% PPL @{ctxs[0]}")
     ax.set_xlabel("KV cache bytes per token (fp16, all layers)")
     ax.set_ylabel("perplexity (held-out Wikipedia), log scale")
     ax.set_yscale("log")

@@ -209,7 +209,7 @@ def test_bad_kv_heads_one_line_exit_2(default_model_dir, tmp_path, args, needle)
     assert not dst.exists() and not list(tmp_path.glob(".out*"))
 
 
-def test_bad_kv_heads_in_process(default_model_dir, tmp_path):
+def test_bad_kv_heads_in_process(default_model_dir, tmp_path, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=32, n_layer=1, n_head=4)).save_pretrained(gpt2)
@@ -229,6 +229,14 @@ def test_bad_kv_heads_in_process(default_model_dir, tmp_path):
         convert(src, tmp_path / "o4", **SMALL)
     with pytest.raises(ConversionError, match="--recover .* needs --kv-heads"):
         convert(src, tmp_path / "o5", key_rank=4, recover={}, **SMALL)
+    from server.cli import main
+    capsys.readouterr()                                   # (save_pretrained's progress bars)
+    for args, needle in ((["--key-rank", "4", "--recover"], "needs --kv-heads"),
+                         (["--kv-heads", "2", "--recover", "--learn-freq"], "need --calibrate")):
+        with pytest.raises(SystemExit) as e:
+            main(["convert", str(src), str(tmp_path / "o6"), *args, "-q"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and needle in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "src"]
 
 
