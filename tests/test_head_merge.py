@@ -4,8 +4,8 @@
   scalar per rotary frequency, i.e. RoPE-commuting; values: any D×D matrix) merged to N
   reproduces its logits; the real (non-commuting) key merge does not, unless the scalars are
   real;
-* the merged default model is a plain LlamaForCausalLM that stock vLLM (plugins disabled)
-  serves over HTTP, with 3× the KV tokens in the same memory and transformers' greedy text;
+* the merged checkpoint is a plain LlamaForCausalLM that stock vLLM (plugins disabled)
+  serves over HTTP, with 2× the KV tokens in the same memory and the source's greedy text;
 * --kv-heads with --key-rank: a factored checkpoint of the merged model that the FactorKV
   engine loads and decodes like the plain-torch reference;
 * bad arguments: one line, exit status 2, nothing at DST.
@@ -129,41 +129,45 @@ def test_recovery_trains_merged_attention_toward_source(default_model_dir, tmp_p
 
 
 @pytest.mark.slow
-def test_merged_default_model_served_by_stock_vllm(default_model_dir, tmp_path):
-    """The CLI's 3 -> 1 merge of the default model; `factorkv serve` with vLLM's plugins
-    disabled (VLLM_PLUGINS=''), so the stock LlamaForCausalLM serves it."""
+def test_merged_model_served_by_stock_vllm(default_model_dir, tmp_path):
+    """`factorkv convert --kv-heads 2` of a tiny MHA model (exact structure, head_dim 32 for
+    vLLM's CPU attention), served by `factorkv serve` with vLLM's plugins disabled
+    (VLLM_PLUGINS=''), so the stock LlamaForCausalLM serves it: it answers over HTTP with the
+    SOURCE model's greedy text and holds 2x the KV tokens of the source in the same memory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tests._server import running_server
-    dst = tmp_path / "smol-kv1"
-    proc = subprocess.run([sys.executable, "-m", "server.cli", "convert", str(default_model_dir),
-                           str(dst), "--kv-heads", "1", "--stat-tokens", "1024", "-q"], cwd=ROOT,
+    src = structured_llama(tmp_path / "src", default_model_dir, heads=4, kv_heads=4, n=2,
+                           hidden=128)
+    dst = tmp_path / "kv2"
+    proc = subprocess.run([sys.executable, "-m", "server.cli", "convert", str(src), str(dst),
+                           "--kv-heads", "2", "--stat-tokens", "1024", "-q"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "KV heads 3 -> 1" in proc.stdout and "3.00x" in proc.stdout, proc.stdout
+    assert "KV heads 4 -> 2" in proc.stdout and "2.00x" in proc.stdout, proc.stdout
     prompt = "The capital of France is"
-    tok = AutoTokenizer.from_pretrained(str(dst))
+    tok = AutoTokenizer.from_pretrained(str(src))
     ids = tok(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        model = AutoModelForCausalLM.from_pretrained(str(dst), dtype=torch.float32).eval()
-        out = model.generate(ids, max_new_tokens=8, do_sample=False)
+        model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)
     expected = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    mem = 64 << 20
+    mem = 16 << 20
     with running_server("--model", str(dst), "--kv-cache-memory", str(mem), "--max-model-len",
-                        "1024", env={"VLLM_PLUGINS": ""}) as srv:
+                        "512", env={"VLLM_PLUGINS": ""}) as srv:
         info = srv.get_json("/factorkv/info")
         assert info["architectures"] == ["LlamaForCausalLM"] and info["factored_keys"] is None
         r = srv.post("/v1/completions", {"model": info["served_model_name"], "prompt": prompt,
-                                         "max_tokens": 8, "temperature": 0})
+                                         "max_tokens": 8, "min_tokens": 8, "temperature": 0})
         assert r.status_code == 200, r.text
         text = r.json()["choices"][0]["text"]
         chat = srv.openai_client().chat.completions.create(
-            model=info["served_model_name"], max_tokens=16, temperature=0,
+            model=info["served_model_name"], max_tokens=4, temperature=0,
             messages=[{"role": "user", "content": "Hello!"}])
     assert text == expected, (text, expected)
     assert chat.usage.completion_tokens >= 1
-    # one KV head of 2·64 fp32 values per layer: 30 · 1 · 128 · 4 bytes per token
-    per_token = 30 * 1 * 2 * 64 * 4
+    # 2 layers · 2 KV heads · (32 + 32) fp32 values per token (the source: 4 KV heads)
+    per_token = 2 * 2 * 64 * 4
     kv = info["kv_cache"]
     assert abs(kv["size_tokens"] - mem // per_token) <= kv["block_size"], kv
 
