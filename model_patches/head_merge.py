@@ -44,7 +44,9 @@ W_v' = E W_v^S, W_o'^q = W_o^q M_a; exact when the stacked values span ≤ D dim
 the output projection: Ω_a = Σ_{q→a} W_o^qᵀ W_o^q (block diagonal R = Ω^½), Ũ = top-D
 eigenvectors of R E[v_S v_Sᵀ] R, E = Ũᵀ R, M = R⁻¹ Ũ.
 
-The merged model caches N/H_kv of the source's KV bytes per token.
+The merged model caches N/H_kv of the source's KV bytes per token. Optional recovery
+(``recover=...``, `--recover`): model_patches.calibrate.recover_merged trains the merged
+attention layer by layer against the source's attention outputs.
 """
 
 from __future__ import annotations
