@@ -1,0 +1,1 @@
+"""L2-norm KV token eviction (docs/eviction.md)."""
