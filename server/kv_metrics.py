@@ -21,7 +21,14 @@ factorkv_baseline_max_users_at_context     ... for the baseline in the same memo
 factorkv_concurrency_gain                  the ratio of the two
 factorkv_running_users / _waiting_users    live, from vLLM's scheduler gauges
 factorkv_kv_usage_ratio                    live fraction of KV blocks in use (0..1)
+factorkv_evicted_tokens_total              tokens dropped by L2-norm eviction (counter)
+factorkv_evict_freed_blocks_total          KV blocks eviction gave back to the pool (counter)
+factorkv_evict_logical_tokens              running evicting requests: logical tokens (sum)
+factorkv_evict_physical_tokens             ... tokens physically in the cache (sum)
 =========================================  ==============================================
+
+Eviction numbers come from the engine process's scheduler (engine/eviction/stats.py);
+they are 0 on a server without ``--kv-evict``.
 """
 
 from __future__ import annotations
@@ -66,6 +73,28 @@ def _vllm_gauge(name: str, model_name: str) -> float:
 def _model_name(engine_client: Any) -> str:
     names = engine_client.vllm_config.model_config.served_model_name
     return names[0] if isinstance(names, (list, tuple)) else str(names)
+
+
+def eviction_report(engine_client: Any) -> dict[str, Any]:
+    """Eviction policy, totals and per running request logical vs physical tokens."""
+    from engine.eviction.scheduler import CONFIG_KEY
+    from engine.eviction.stats import read_stats
+
+    extra = (engine_client.vllm_config.additional_config or {}).get(CONFIG_KEY)
+    if not extra:
+        return {"enabled": False}
+    stats = read_stats(extra.get("stats_path")) or {}
+    reqs = stats.get("requests", {})
+    return {
+        "enabled": True,
+        "policy": {k: v for k, v in extra.items() if k != "stats_path"},
+        "evicted_tokens_total": int(stats.get("evicted_tokens_total", 0)),
+        "freed_blocks_total": int(stats.get("freed_blocks_total", 0)),
+        "compactions_total": int(stats.get("compactions_total", 0)),
+        "logical_tokens": sum(r["logical_tokens"] for r in reqs.values()),
+        "physical_tokens": sum(r["physical_tokens"] for r in reqs.values()),
+        "requests": reqs,
+    }
 
 
 def kv_cache_report(engine_client: Any, context_tokens: int | None = None) -> dict[str, Any]:
@@ -113,6 +142,7 @@ def kv_cache_report(engine_client: Any, context_tokens: int | None = None) -> di
             "bytes_per_user_mean_context": int(used_bytes / running) if running else 0,
             "mean_context_tokens": (usage * cap.capacity_tokens / running) if running else 0.0,
         },
+        "eviction": eviction_report(engine_client),
     }
 
 
@@ -135,10 +165,10 @@ class KVCacheCollector:
         return []  # computed at scrape time; skip the registry's describe-by-collect
 
     def collect(self):
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         r = kv_cache_report(self.engine_client)
-        live = r["live"]
+        live, ev = r["live"], r["eviction"]
         rows = [
             ("factorkv_kv_bytes_per_token", "KV cache bytes per token (all layers), this model",
              r["bytes_per_token"]),
@@ -163,10 +193,26 @@ class KVCacheCollector:
             ("factorkv_kv_usage_ratio", "Fraction of KV cache blocks in use (0..1)",
              live["kv_usage_ratio"]),
         ]
+        rows += [
+            ("factorkv_evict_logical_tokens",
+             "Running requests with eviction: logical tokens (prompt + output so far), sum",
+             ev.get("logical_tokens", 0)),
+            ("factorkv_evict_physical_tokens",
+             "Running requests with eviction: tokens physically held in the KV cache, sum",
+             ev.get("physical_tokens", 0)),
+        ]
         for name, doc, value in rows:
             g = GaugeMetricFamily(name, doc, labels=["model_name"])
             g.add_metric([r["model"]], float(value))
             yield g
+        for name, doc, value in (
+                ("factorkv_evicted_tokens", "Tokens dropped from the KV cache by L2-norm eviction",
+                 ev.get("evicted_tokens_total", 0)),
+                ("factorkv_evict_freed_blocks", "KV blocks L2-norm eviction gave back to the pool",
+                 ev.get("freed_blocks_total", 0))):
+            c = CounterMetricFamily(name, doc, labels=["model_name"])
+            c.add_metric([r["model"]], float(value))
+            yield c
 
 
 def startup_line(engine_client: Any) -> str:

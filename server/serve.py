@@ -82,6 +82,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--kv-cache-memory", type=_size_arg, default=None, metavar="SIZE",
         help="KV cache budget: bytes or a size such as 256MiB, 4GiB, 1e9 "
              "(sets vLLM's --kv-cache-memory-bytes).")
+    fkv.add_argument(
+        "--kv-evict", default=None, metavar="keep=F[,sink=S][,window=W]",
+        help="L2-norm KV token eviction (CPU): after a request's prompt is prefilled, keep per "
+             "layer and KV head the fraction F of its cached tokens whose keys have the lowest "
+             "L2 norm, plus the first S (default 4) and last W (default 64) tokens, and give the "
+             "freed KV blocks back to the pool. A request may override F with "
+             '"vllm_xargs": {"kv_evict_keep": F}. keep=1 installs eviction but evicts only for '
+             "requests that ask. See docs/eviction.md.")
     from server.guards import add_arguments as add_guard_arguments
 
     add_guard_arguments(fkv)  # --max-queued-requests, --max-request-body-bytes, --protect-metrics
@@ -179,6 +187,8 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     args.model = str(path)
 
     cpu = _on_cpu()
+    if args.kv_evict is not None:
+        _install_eviction(args, cfg, cpu)
     if args.dtype is None:
         args.dtype = "float32" if cpu else "auto"
     if args.enforce_eager is None:
@@ -195,6 +205,35 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
                         max_model_len=max_len,
                         block_size=args.block_size or (CPU_BLOCK_SIZE if cpu else GPU_BLOCK_SIZE))
     return args
+
+
+def _install_eviction(args: argparse.Namespace, cfg: dict, cpu: bool) -> None:
+    """--kv-evict: check the policy, plug in the eviction scheduler and worker."""
+    from engine.eviction.policy import EvictionConfigError, EvictionPolicy
+    from engine.eviction.scheduler import CONFIG_KEY
+    from engine.eviction.stats import default_stats_path
+    from server.model_check import config_max_len
+
+    try:
+        policy = EvictionPolicy.parse(args.kv_evict)
+        max_len = args.max_model_len if isinstance(args.max_model_len, int) and args.max_model_len > 0 \
+            else config_max_len(cfg)
+        if max_len:
+            policy.check_context(int(max_len))
+    except EvictionConfigError as e:
+        raise CLIError(str(e)) from None
+    if not cpu:
+        raise CLIError("--kv-evict runs on the CPU backend only in this release "
+                       "(the GPU cache layouts are not wired yet; see docs/eviction.md)")
+    for flag, value in (("scheduler_cls", "engine.eviction.scheduler.EvictionScheduler"),
+                        ("worker_cls", "engine.eviction.worker.EvictingCPUWorker")):
+        given = getattr(args, flag, None)
+        if given not in (None, "auto", value):
+            raise CLIError(f"--kv-evict needs its own --{flag.replace('_', '-')}, got {given}")
+        setattr(args, flag, value)
+    extra = dict(args.additional_config or {})
+    extra[CONFIG_KEY] = {**policy.to_dict(), "stats_path": default_stats_path()}
+    args.additional_config = extra
 
 
 def run(args: argparse.Namespace) -> int:
