@@ -10,13 +10,19 @@ All heads keep the same count, so afterwards the request's cache holds n_kept to
 its first ceil(n_kept / bs) blocks and the rest can be returned to vLLM's block pool.
 Slot order does not matter to attention (RoPE was applied before the keys were cached).
 
-Cache layouts understood (per layer, from the layer's attention backend):
-  * vLLM CPU_ATTN:           [num_blocks, H_kv, 2 * bs, D] view: K rows [:bs], V rows [bs:]
-  * FACTORKV_CPU_THIN (ours): [num_blocks, H_kv, bs, r + D]: K = [..., :r], V = [..., r:]
+A layer's cache is read as regions [num_blocks, H_kv, C] (one block of one KV head) plus
+two index maps [bs, d] giving the element of token t, dim d inside a region:
+
+  * FACTORKV_CPU_THIN (ours): [num_blocks, H_kv, bs, r + D], K = [..., :r], V = [..., r:]
+  * vLLM CPU_ATTN: [num_blocks, H_kv, bs, 2D], whose kernel stores each block's keys
+    dim-major ([D, bs] for fp32 "vec") and values token-major. The maps are found by
+    writing a probe through vLLM's own ``cpu_attn_reshape_and_cache``, so they follow
+    whatever layout the installed kernel uses; an unknown layout fails loudly.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -28,34 +34,80 @@ SUPPORTED_BACKENDS = ("CPU_ATTN", "FACTORKV_CPU_THIN")
 
 @dataclass
 class LayerCache:
-    """Views [num_blocks, H_kv, block_size, d] of one layer's keys and values."""
+    """One layer's paged cache as flat regions, with per-token element maps."""
 
     name: str
-    keys: torch.Tensor
-    values: torch.Tensor
+    flat: torch.Tensor        # the layer's cache, flattened (a view)
+    region: int               # elements per (block, KV head)
+    num_kv_heads: int
+    key_map: torch.Tensor     # [bs, dk] int64: element of (token, dim) in a region
+    value_map: torch.Tensor   # [bs, dv]
+
+    def index(self, block_ids: torch.Tensor, n: int, which: torch.Tensor) -> torch.Tensor:
+        """Flat indices [H, n, d] of tokens 0..n-1 of a request with these blocks."""
+        bs = which.shape[0]
+        j = torch.arange(n)
+        base = (block_ids[j // bs][None, :] * self.num_kv_heads
+                + torch.arange(self.num_kv_heads)[:, None]) * self.region     # [H, n]
+        return base[..., None] + which[j % bs][None]                          # [H, n, d]
+
+
+def _thin_maps(block_size: int, r: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    t = torch.arange(block_size)[:, None] * (r + d)
+    return t + torch.arange(r), t + r + torch.arange(d)
+
+
+@functools.lru_cache(maxsize=8)
+def _cpu_attn_maps(block_size: int, head_size: int, isa: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probe vLLM's CPU_ATTN cache writer (fp32): element of (token, dim) in a [bs, 2D] region."""
+    from vllm import _custom_ops as ops
+
+    size = block_size * head_size
+    maps = []
+    for which in (0, 1):
+        cache = torch.full((1, 1, block_size, 2 * head_size), -1.0)
+        k_cache, v_cache = cache.view(1, 1, 2 * block_size, head_size).chunk(2, dim=2)
+        ids = torch.arange(size, dtype=torch.float32).view(block_size, 1, head_size)
+        key, value = (ids, torch.zeros_like(ids)) if which == 0 else (torch.zeros_like(ids), ids)
+        ops.cpu_attn_reshape_and_cache(key, value, k_cache, v_cache, torch.arange(block_size),
+                                       isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+        half = cache.view(-1)[which * size:(which + 1) * size].long()
+        if not torch.equal(half.sort().values, torch.arange(size)):
+            raise EvictionConfigError(f"kv-evict: unrecognised CPU_ATTN cache layout (isa {isa})")
+        where = torch.empty(size, dtype=torch.long)
+        where[half] = torch.arange(size) + which * size
+        maps.append(where.view(block_size, head_size))
+    return maps[0], maps[1]
 
 
 def layer_cache(name: str, backend_name: str, kv_cache: torch.Tensor, head_size: int,
-                block_size: int) -> LayerCache:
-    """Key and value views of one layer's paged cache (no copy)."""
+                block_size: int, isa: str | None = None) -> LayerCache:
+    """The region view and element maps of one layer's paged cache (no copy)."""
+    if not kv_cache.is_contiguous():
+        raise EvictionConfigError(f"kv-evict: layer {name}: KV cache is not contiguous")
+    nb, h = kv_cache.shape[0], kv_cache.shape[1]
+    region = kv_cache.numel() // (nb * h)
     if backend_name == "CPU_ATTN":
-        v = kv_cache.view(kv_cache.shape[0], kv_cache.shape[1], block_size * 2, -1)
-        return LayerCache(name, v[:, :, :block_size], v[:, :, block_size:])
-    if backend_name == "FACTORKV_CPU_THIN":
-        return LayerCache(name, kv_cache[..., :head_size], kv_cache[..., head_size:])
-    raise EvictionConfigError(
-        f"kv-evict: attention backend {backend_name} is not supported "
-        f"(supported: {', '.join(SUPPORTED_BACKENDS)})")
+        if kv_cache.dtype != torch.float32:
+            raise EvictionConfigError("kv-evict: CPU_ATTN eviction is validated for float32 only")
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-
-def _slots(block_ids: torch.Tensor, n: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    j = torch.arange(n)
-    return block_ids[j // block_size], j % block_size
+        isa = isa or _get_attn_isa(kv_cache.dtype, block_size, head_size)
+        key_map, value_map = _cpu_attn_maps(block_size, head_size, isa)
+    elif backend_name == "FACTORKV_CPU_THIN":
+        key_map, value_map = _thin_maps(block_size, head_size, kv_cache.shape[-1] - head_size)
+    else:
+        raise EvictionConfigError(
+            f"kv-evict: attention backend {backend_name} is not supported "
+            f"(supported: {', '.join(SUPPORTED_BACKENDS)})")
+    if region != block_size * (key_map.shape[1] + value_map.shape[1]):
+        raise EvictionConfigError(f"kv-evict: layer {name}: cache shape {tuple(kv_cache.shape)} "
+                                  f"does not match block size {block_size}")
+    return LayerCache(name, kv_cache.view(-1), region, h, key_map, value_map)
 
 
 @torch.no_grad()
-def compact(cache: LayerCache, block_ids: list[int], n: int, policy: EvictionPolicy,
-            block_size: int) -> int:
+def compact(cache: LayerCache, block_ids: list[int], n: int, policy: EvictionPolicy) -> int:
     """Keep policy.select(...) of the n cached tokens per head, packed into slots 0..k-1.
 
     Returns k = policy.num_kept(n)."""
@@ -63,14 +115,12 @@ def compact(cache: LayerCache, block_ids: list[int], n: int, policy: EvictionPol
     if k == n:
         return n
     ids = torch.as_tensor(block_ids, dtype=torch.long)
-    blk, off = _slots(ids, n, block_size)
-    heads = torch.arange(cache.keys.shape[1])
-    keys = cache.keys[blk[None, :], heads[:, None], off[None, :]]      # [H, n, dk]
-    values = cache.values[blk[None, :], heads[:, None], off[None, :]]  # [H, n, dv]
-    sel = policy.select(keys.float().norm(dim=-1))                      # [H, k]
+    k_src = cache.index(ids, n, cache.key_map)
+    v_src = cache.index(ids, n, cache.value_map)
+    keys = cache.flat[k_src]                                   # [H, n, dk]
+    sel = policy.select(keys.float().norm(dim=-1))             # [H, k]
     kept_k = keys.gather(1, sel[..., None].expand(-1, -1, keys.shape[-1]))
-    kept_v = values.gather(1, sel[..., None].expand(-1, -1, values.shape[-1]))
-    blk, off = _slots(ids, k, block_size)
-    cache.keys[blk[None, :], heads[:, None], off[None, :]] = kept_k
-    cache.values[blk[None, :], heads[:, None], off[None, :]] = kept_v
+    kept_v = cache.flat[v_src.gather(1, sel[..., None].expand(-1, -1, v_src.shape[-1]))]
+    cache.flat[k_src[:, :k]] = kept_k
+    cache.flat[v_src[:, :k]] = kept_v
     return k

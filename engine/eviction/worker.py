@@ -51,7 +51,8 @@ class EvictingRunnerMixin:
                 if not isinstance(kv, torch.Tensor) or kv.numel() == 0:
                     continue
                 backend = layer.attn_backend.get_name()
-                layers.append(layer_cache(name, backend, kv, layer.head_size, block_size))
+                layers.append(layer_cache(name, backend, kv, layer.head_size, block_size,
+                                          getattr(layer, "isa", None)))
             if not layers:
                 raise RuntimeError("kv-evict: no attention layer with a KV cache found")
             self._evict_layers = layers
@@ -66,7 +67,7 @@ class EvictingRunnerMixin:
             policy = EvictionPolicy(**policy_dict)
             block_ids = state.block_ids[0]
             for cache in self._eviction_layers():
-                k = compact(cache, block_ids, n, policy, block_size)
+                k = compact(cache, block_ids, n, policy)
             del block_ids[math.ceil(k / block_size):]
             row = self.input_batch.req_id_to_index.get(req_id)
             if row is not None:
