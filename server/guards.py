@@ -83,6 +83,7 @@ class GuardConfig:
     max_body_bytes: int | None = None     # None or 0: no limit
     api_keys: list[str] = field(default_factory=list)
     protect_metrics: bool = False
+    kv_evict: bool = False                # server started with --kv-evict
 
 
 class _Stats:
@@ -141,6 +142,30 @@ def body_problem(body: bytes) -> str | None:
             return f"request body has {e}, which is not valid JSON (numbers must be finite)"
         except (ValueError, RecursionError):
             return None  # malformed JSON: vLLM reports it
+    return None
+
+
+def eviction_problem(body: bytes, enabled: bool) -> str | None:
+    """Why a request's ``vllm_xargs.kv_evict_keep`` is unacceptable, or None."""
+    if b"kv_evict_keep" not in body:
+        return None
+    try:
+        xargs = json.loads(body).get("vllm_xargs") or {}
+    except (ValueError, RecursionError, AttributeError):
+        return None  # malformed JSON: vLLM reports it
+    if not isinstance(xargs, dict) or "kv_evict_keep" not in xargs:
+        return None
+    if not enabled:
+        return "vllm_xargs.kv_evict_keep needs a server started with --kv-evict"
+    from engine.eviction.policy import EvictionConfigError, EvictionPolicy
+
+    keep = xargs["kv_evict_keep"]
+    try:
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+            raise EvictionConfigError(f"kv-evict: keep must be a number, got {keep!r}")
+        EvictionPolicy(keep=float(keep))
+    except EvictionConfigError as e:
+        return f"vllm_xargs.kv_evict_keep: {str(e).removeprefix('kv-evict: ')}"
     return None
 
 
@@ -232,7 +257,7 @@ class GuardMiddleware:
             more = msg.get("more_body", False)
         body = b"".join(chunks)
         if body and not headers.get(b"content-type", b"").lower().startswith(b"multipart/"):
-            problem = body_problem(body)
+            problem = body_problem(body) or eviction_problem(body, self.config.kv_evict)
             if problem:
                 self.stats.rejected["bad_body"] += 1
                 await _send_error(send, 400, problem)
@@ -305,7 +330,8 @@ def install_guards(app, args, engine_client) -> None:
         max_in_flight = engine_client.vllm_config.scheduler_config.max_num_seqs + \
             args.max_queued_requests
     config = GuardConfig(max_in_flight=max_in_flight, max_body_bytes=args.max_request_body_bytes,
-                         api_keys=keys, protect_metrics=args.protect_metrics)
+                         api_keys=keys, protect_metrics=args.protect_metrics,
+                         kv_evict=getattr(args, "kv_evict", None) is not None)
     stats = _Stats()
     from starlette.middleware import Middleware
 
