@@ -45,11 +45,13 @@ def tiny_gpt2(path: Path, *, heads: int = 4, hidden: int = 128, layers: int = 2,
 
 
 def run_vllm(model: Path | str, rounds: list, tmp: Path, timeout: int = 600,
-             env: dict | None = None, **engine) -> dict:
-    """Run tests/_vllm_probe.py in a fresh process (engine in-process, eager, fp32)."""
+             env: dict | None = None, trace: bool = False, **engine) -> dict:
+    """Run tests/_vllm_probe.py in a fresh process (engine in-process, eager, fp32);
+    ``trace`` steps each round by hand and records the scheduler's free blocks per step."""
     spec = tmp / f"spec-{os.getpid()}-{len(list(tmp.glob('spec-*')))}.json"
     out = spec.with_suffix(".out.json")
-    spec.write_text(json.dumps({"model": str(model), "engine": engine, "rounds": rounds}))
+    spec.write_text(json.dumps({"model": str(model), "engine": engine, "rounds": rounds,
+                                "trace": trace}))
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONPATH=str(ROOT), **(env or {}))
     proc = subprocess.run([sys.executable, "-m", "tests._vllm_probe", str(spec), str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -208,6 +208,12 @@ def test_kv_budget_too_small_for_max_len_is_one_line(default_model_dir):
     (["--max-num-seqs", "0"], "--max-num-seqs"),
     (["--kv-cache-memory", "1GiB", "--kv-cache-memory-bytes", "5"], "not both"),
     (["--headless"], "not supported"),
+    (["--kv-evict", "keep=0"], "keep must be in .0, 1., got 0.0"),
+    (["--kv-evict", "keep=1.5"], "keep must be in .0, 1., got 1.5"),
+    (["--kv-evict", "keep=0.5,window=9000"], "must be smaller than the context length 8192"),
+    (["--kv-evict", "keep=0.5,window=1020", "--max-model-len", "1024"], "= 1024 must be smaller than the context length 1024"),
+    (["--kv-evict", "keep=0.5,bogus=1"], "unknown field 'bogus'"),
+    (["--kv-evict", "sink=4"], "keep= is required"),
 ])
 def test_serve_argument_errors(serve_parser, default_model_dir, argv, needle):
     from server.errors import CLIError
@@ -216,6 +222,17 @@ def test_serve_argument_errors(serve_parser, default_model_dir, argv, needle):
     with pytest.raises(CLIError, match=needle.replace("-", "\\-")) as e:
         finalize_args(serve_parser.parse_args(["--model", str(default_model_dir), *argv]))
     assert e.value.code == 2
+
+
+def test_serve_kv_evict_installs_scheduler_and_worker(serve_parser, default_model_dir):
+    from server.serve import finalize_args
+
+    args = finalize_args(serve_parser.parse_args(
+        ["--model", str(default_model_dir), "--kv-evict", "keep=0.5,window=32"]))
+    assert args.scheduler_cls == "engine.eviction.scheduler.EvictionScheduler"
+    assert args.worker_cls == "engine.eviction.worker.EvictingCPUWorker"
+    cfg = args.additional_config["factorkv_kv_evict"]
+    assert (cfg["keep"], cfg["sink"], cfg["window"]) == (0.5, 4, 32) and cfg["stats_path"]
 
 
 def test_kv_budget_fits_exactly(serve_parser, default_model_dir):
