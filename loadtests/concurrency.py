@@ -18,6 +18,12 @@ delta), output tokens/s over the point's wall time, TTFT and TPOT p50/p99, faile
 requests. Output: a Markdown report, a JSON file and three PNG plots (running vs
 offered users, output throughput vs users, latency vs users; both models on each).
 
+``--configs`` picks the servers (same budget each): ``baseline`` (unmodified),
+``factored``, ``evict`` (unmodified + ``--kv-evict``), ``factored+evict``; the default is
+``baseline,factored``. ``--kv-evict keep=0.5`` sets the eviction policy and
+``--block-size`` the KV block size of every server (eviction frees whole blocks, so
+smaller blocks return more of the evicted memory).
+
 ``--url`` drives one already running server instead (a smoke test: no sweep of models).
 All traffic goes to 127.0.0.1 (or the given URL); every point is bounded by
 ``--max-duration`` (no new requests after it) and a per-request timeout.
@@ -271,7 +277,10 @@ def sweep(url: str, label: str, model_dir: Path, args, api_key: str | None = Non
               f"{pr.output_tok_s:.1f} out tok/s, TTFT p50 {pr.ttft_p50 or 0:.1f}s, failed {pr.failed}",
               file=sys.stderr, flush=True)
         points.append(asdict(pr))
-    return {"label": label, "model": str(model_dir), "served_name": served, "kv": kv, "points": points}
+    eviction = _get_json(f"{url}/v1/kv-cache", api_key).get("eviction", {})
+    eviction.pop("requests", None)
+    return {"label": label, "model": str(model_dir), "served_name": served, "kv": kv,
+            "points": points, "eviction": eviction}
 
 
 # ----------------------------------------------------------------------------- report
@@ -309,30 +318,49 @@ def write_report(runs: list[dict], args, out_dir: Path, command: str, load: tupl
                 f"{p['preemptions']:.0f} | {p['output_tok_s']:.1f} | {_f(p['saturated_tok_s'])} | "
                 f"{_f(p['ttft_p50'])} / {_f(p['ttft_p99'])} | "
                 f"{_f(p['tpot_p50'], 1000)} / {_f(p['tpot_p99'], 1000)} |")
-    if len(runs) == 2:
-        base, thin = runs
-        pr_b = max(p["peak_running"] for p in base["points"])
-        pr_t = max(p["peak_running"] for p in thin["points"])
-        tp_b = max(p["output_tok_s"] for p in base["points"])
-        tp_t = max(p["output_tok_s"] for p in thin["points"])
-        sat = [(p, q) for p in base["points"] for q in thin["points"] if p["users"] == q["users"]
-               and p["saturated_tok_s"] and q["saturated_tok_s"]]
-        failed = sum(p["failed"] for r in runs for p in r["points"])
-        lines += ["", "## Ratios (factored / baseline, same run)", "",
-                  f"- KV capacity: {thin['kv']['capacity_tokens'] / base['kv']['capacity_tokens']:.3f}x tokens",
-                  f"- peak concurrently running requests: {pr_t:.0f} / {pr_b:.0f} = "
-                  f"**{pr_t / pr_b:.2f}x** (target ≥ 1.55x)" if pr_b else "- peak running: n/a",
-                  f"- output throughput at saturation (best point): {tp_t:.1f} / {tp_b:.1f} tok/s = "
-                  f"**{tp_t / tp_b:.2f}x** (target ≥ 1.3x)" if tp_b else "- throughput: n/a",
-                  *[f"- generation tok/s while the baseline's cache was full and requests waited, "
-                    f"N={p['users']}: {q['saturated_tok_s']:.1f} / {p['saturated_tok_s']:.1f} = "
-                    f"{q['saturated_tok_s'] / p['saturated_tok_s']:.2f}x" for p, q in sat],
-                  f"- failed requests: {failed}"]
+    if len(runs) >= 2:
+        lines += ratio_lines(runs)
     lines += ["", "Plots: " + ", ".join(f"[{p.name}]({p.name})" for p in plots), ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     report = out_dir / f"{args.name}.md"
     report.write_text("\n".join(lines) + "\n")
     return report
+
+
+TARGETS = {"factored": ("peak running", 1.55), "evict": ("peak running", 1.9),
+           "factored+evict": ("peak running", 3.0)}
+
+
+def ratio_lines(runs: list[dict]) -> list[str]:
+    """Every run against the first (the baseline), measured in the same invocation."""
+    base = runs[0]
+    pr_b = max(p["peak_running"] for p in base["points"])
+    tp_b = max(p["output_tok_s"] for p in base["points"])
+    lines = ["", f"## Ratios (each / {base['label']}, same run)", ""]
+    for run in runs[1:]:
+        ev = run.get("eviction") or {}
+        if ev.get("enabled"):
+            lines.append(f"- {run['label']}: evicted {ev['evicted_tokens_total']:,} tokens in "
+                         f"{ev['compactions_total']} compactions, {ev['freed_blocks_total']:,} "
+                         f"KV blocks freed")
+        pr = max(p["peak_running"] for p in run["points"])
+        tp = max(p["output_tok_s"] for p in run["points"])
+        target = TARGETS.get(run.get("config", ""), None)
+        lines += [f"- **{run['label']}**: KV capacity "
+                  f"{run['kv']['capacity_tokens'] / base['kv']['capacity_tokens']:.3f}x tokens; "
+                  f"peak concurrently running requests {pr:.0f} / {pr_b:.0f} = **{pr / pr_b:.2f}x**"
+                  + (f" (target ≥ {target[1]}x)" if target else "")
+                  + (f"; best output throughput {tp:.1f} / {tp_b:.1f} tok/s = **{tp / tp_b:.2f}x**"
+                     + (" (target ≥ 1.3x)" if run.get("config") == "factored" else "")
+                     if tp_b else "")]
+        sat = [(p, q) for p in base["points"] for q in run["points"] if p["users"] == q["users"]
+               and p["saturated_tok_s"] and q["saturated_tok_s"]]
+        lines += [f"  - generation tok/s while the baseline's cache was full and requests waited, "
+                  f"N={p['users']}: {q['saturated_tok_s']:.1f} / {p['saturated_tok_s']:.1f} = "
+                  f"{q['saturated_tok_s'] / p['saturated_tok_s']:.2f}x" for p, q in sat]
+    failed = sum(p["failed"] for r in runs for p in r["points"])
+    lines.append(f"- failed requests: {failed}")
+    return lines
 
 
 def _f(v: float | None, scale: float = 1.0) -> str:
@@ -398,7 +426,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "docs" / "results"), help="report directory")
     ap.add_argument("--name", default="concurrency", help="report file stem (NAME.md, NAME.json, NAME_*.png)")
+    ap.add_argument("--configs", default="baseline,factored",
+                    help="servers to compare, first = reference: baseline, factored, evict, factored+evict")
+    ap.add_argument("--kv-evict", default="keep=0.5", help="eviction policy of the *evict configs")
+    ap.add_argument("--block-size", type=int, default=None, help="KV block size of every server")
     args = ap.parse_args(argv)
+    args.config_list = [c.strip() for c in args.configs.split(",") if c.strip()]
+    bad = [c for c in args.config_list if c not in ("baseline", "factored", "evict", "factored+evict")]
+    if bad or not args.config_list:
+        ap.error(f"--configs: unknown {', '.join(bad) or '(empty)'}")
     args.user_counts = [int(x) for x in args.users.split(",") if x.strip()]
     if not args.user_counts or min(args.user_counts) < 1:
         ap.error("--users needs positive counts")
@@ -421,12 +457,18 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         common = ("--kv-cache-memory", args.kv_cache_memory, "--max-model-len", str(args.context),
                   "--max-num-seqs", str(args.max_num_seqs), "--disable-uvicorn-access-log",
-                  )
-        for label, model in (("baseline", base), (f"factored r={args.rank}" if not args.factored
-                                                  else "factored", thin)):
+                  *(("--block-size", str(args.block_size)) if args.block_size else ()))
+        thin_label = f"factored r={args.rank}" if not args.factored else "factored"
+        for config in args.config_list:
+            model = thin if config.startswith("factored") else base
+            label = {"baseline": "baseline", "factored": thin_label, "evict": f"evict {args.kv_evict}",
+                     "factored+evict": f"{thin_label} + evict {args.kv_evict}"}[config]
+            extra = ("--kv-evict", args.kv_evict) if config.endswith("evict") else ()
             print(f"starting {label}: {model}", file=sys.stderr, flush=True)
-            with running_server("--model", str(model), *common) as srv:
-                runs.append(sweep(srv.base_url, label, model, args))
+            with running_server("--model", str(model), *common, *extra) as srv:
+                run = sweep(srv.base_url, label, model, args)
+                run["config"] = config
+                runs.append(run)
     report = write_report(runs, args, Path(args.out), command, (load0, os.getloadavg()[0]))
     print(report.read_text())
     return 0 if all(p["failed"] == 0 for r in runs for p in r["points"]) else 1
