@@ -97,13 +97,16 @@ class ThinLM(torch.nn.Module):
     def _rms(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return self.w[name] * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
-    def hidden_states(self, ids: torch.Tensor, cache: list | None = None) -> torch.Tensor:
+    def hidden_states(self, ids: torch.Tensor, cache: list | None = None,
+                      pos0: int | None = None) -> torch.Tensor:
         """ids [B, T] -> final normed hidden states [B, T, hidden]. ``cache``: a list that
         holds (k, v) per layer ([B, H_kv, S, r], [B, H_kv, S, D], k after RoPE); it is read
-        (S earlier positions) and extended in place."""
+        (S earlier positions) and extended in place. ``pos0``: the RoPE position of ids[:, 0]
+        (default S; larger after a compacting KV eviction)."""
         b, t = ids.shape
         start = cache[0][0].shape[2] if cache else 0
-        pos = torch.arange(start, start + t)
+        pos0 = start if pos0 is None else pos0
+        pos = torch.arange(pos0, pos0 + t)
         mask = None
         if start and t > 1:    # queries start+i see keys 0..start+i
             mask = torch.ones(t, start + t, dtype=torch.bool).tril(start)
