@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.factorkv-installed-$(VLLM_EXTRA)
 
-.PHONY: install serve test prepare bench bench-concurrency bench-decode bench-quality clean-venv
+.PHONY: install serve test prepare bench bench-concurrency bench-decode bench-eviction bench-quality clean-venv
 
 install: $(STAMP)
 
@@ -47,10 +47,14 @@ test: $(STAMP)
 #   bench-decode:      decode tokens/s, factored vs unmodified, same batch and context
 BENCH_CONCURRENCY_ARGS ?= --kv-cache-memory 1GiB --context 2048 --output-tokens 64 --users 4,8,16,24 --requests-per-user 2
 BENCH_DECODE_ARGS      ?= --rank 16 --batches 1,8,32 --contexts 512,2048 --new-tokens 32 --kv-cache-memory 4GiB
+BENCH_EVICTION_ARGS    ?= --configs baseline,evict,factored,factored+evict --kv-evict keep=0.5 --block-size 32 --kv-cache-memory 1GiB --context 2048 --output-tokens 64 --users 16,40 --requests-per-user 1 --name eviction-concurrency
 bench: bench-concurrency bench-decode
 
 bench-concurrency: $(STAMP)
 	$(BIN)/python -m loadtests.concurrency $(BENCH_CONCURRENCY_ARGS)
+
+bench-eviction: $(STAMP)
+	$(BIN)/python -m loadtests.concurrency $(BENCH_EVICTION_ARGS)
 
 bench-decode: $(STAMP)
 	$(BIN)/python -m loadtests.decode_throughput $(BENCH_DECODE_ARGS)

@@ -157,6 +157,23 @@ def panels() -> list[dict]:
         [q(f"sum by (instance) (rate(vllm:num_preemptions_total{SEL}[{RATE}]))", "{{instance}}", "A")],
         "reqps", (16, 21, 8, 8), defaults={"min": 0},
     ))
+    # --- Row 4: L2-norm eviction (zero on servers without --kv-evict) ---
+    P.append(panel(
+        "timeseries", "KV eviction: evicted tokens and freed blocks",
+        "Tokens dropped by L2-norm eviction and KV blocks it gave back to the pool, per second "
+        "(factorkv serve --kv-evict; docs/eviction.md).",
+        [q(f"sum by (instance) (rate(factorkv_evicted_tokens_total{SEL}[{RATE}]))", "{{instance}} tokens/s", "A"),
+         q(f"sum by (instance) (rate(factorkv_evict_freed_blocks_total{SEL}[{RATE}]))", "{{instance}} blocks/s", "B")],
+        "short", (0, 29, 12, 8), defaults={"min": 0},
+    ))
+    P.append(panel(
+        "timeseries", "KV eviction: logical vs physical tokens",
+        "Running requests with eviction: tokens they logically hold (prompt + output) vs tokens "
+        "physically in the KV cache.",
+        [q(f"sum by (instance) (factorkv_evict_logical_tokens{SEL})", "{{instance}} logical", "A"),
+         q(f"sum by (instance) (factorkv_evict_physical_tokens{SEL})", "{{instance}} physical", "B")],
+        "short", (12, 29, 12, 8), defaults={"min": 0},
+    ))
     for i, p in enumerate(P, start=1):
         p["id"] = i
     return P
