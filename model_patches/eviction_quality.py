@@ -90,3 +90,418 @@ def greedy_on_cache(model: ThinLM, cache: list, pos0: int, first: int, max_new: 
         hs = model.hidden_states(torch.tensor([[out[-1]]]), ext, pos0=pos0 + len(out) - 1)
         out.append(int(model.logits(hs[0, -1]).argmax()))
     return out
+
+
+def _setting(policy: EvictionPolicy | None) -> str:
+    """Result key of a policy: 'none' or 'keep0.5-s4-w64'."""
+    return "none" if policy is None else f"keep{policy.keep:g}-s{policy.sink}-w{policy.window}"
+
+
+def _label(policy: EvictionPolicy | None, base: EvictionPolicy | None = None) -> str:
+    if policy is None:
+        return "no eviction"
+    extra = "" if base is None or (policy.sink, policy.window) == (base.sink, base.window) else \
+        f" (sink {policy.sink}, window {policy.window})"
+    return f"keep {policy.keep:g}{extra}"
+
+
+# ---------------------------------------------------------------------------- perplexity
+def ppl_windows(stream: list[int], n: int, ctx: int = 2048, stride: int = 1024) -> torch.Tensor:
+    """n windows [n, ctx] of the stream starting every ``stride`` tokens."""
+    need = (n - 1) * stride + ctx
+    if len(stream) < need:
+        raise ValueError(f"evaluation text has {len(stream)} tokens, {need} needed")
+    ids = torch.as_tensor(stream[:need], dtype=torch.long)
+    return torch.stack([ids[i * stride:i * stride + ctx] for i in range(n)])
+
+
+@torch.no_grad()
+def window_evicted_nll(model: ThinLM, window: torch.Tensor, prompt_len: int,
+                       policies: list[EvictionPolicy | None]) -> dict[str, float]:
+    """Σ NLL of window[prompt_len:] per policy: one prefill of the prompt, then the rest
+    teacher-forced on the (evicted) cache. The first scored token is predicted by the prompt's
+    last row (identical for every policy)."""
+    cache: list = []
+    last = model.hidden_states(window[None, :prompt_len], cache)[0, -1:]
+    first = token_nll(model, last, window[prompt_len:prompt_len + 1])
+    out = {}
+    for policy in policies:
+        c = cache if policy is None or not policy.enabled else evict_cache(cache, policy)
+        hs, _ = run_on_cache(model, c, window[prompt_len:-1], prompt_len)
+        nll = torch.cat([first, token_nll(model, hs, window[prompt_len + 1:])])
+        out[_setting(policy)] = nll.double().sum().item()
+    return out
+
+
+# ---------------------------------------------------------------------------- retrieval prompts
+NIAH_NAMES = ("Mirela", "Tobias", "Kaito", "Ingrid", "Oskar", "Leilani", "Dario", "Annika",
+              "Bartholomew", "Svetlana", "Rafael", "Yuki", "Coralie", "Emeka", "Henrike", "Priya")
+NIAH_FACTS = (("colour", ("turquoise", "crimson", "lavender", "magenta", "olive", "amber")),
+              ("city", ("Lisbon", "Nairobi", "Oslo", "Montreal", "Hanoi", "Quito")),
+              ("fruit", ("mango", "apricot", "papaya", "kiwi", "pomegranate", "lychee")),
+              ("animal", ("otter", "falcon", "walrus", "lynx", "flamingo", "hedgehog")),
+              ("instrument", ("cello", "banjo", "oboe", "harp", "trombone", "accordion")),
+              ("flower", ("tulip", "orchid", "daisy", "magnolia", "peony", "lilac")))
+NIAH_NEEDLE = " {name}'s favourite {thing} is {value}."
+NIAH_QUESTION = "\nQuestion: What is {name}'s favourite {thing}?\nAnswer: {name}'s favourite {thing} is"
+
+
+def _enc(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def niah_prompts(tok, stream: list[int], length: int, n: int, seed: int = 0,
+                 per_haystack: int = 10, offset: int = 131072) -> list[dict]:
+    """n needle-in-a-haystack prompts of ``length`` tokens. Haystacks are consecutive slices of
+    the held-out token stream from ``offset`` (BOS/EOS removed), one per ``per_haystack``
+    prompts; the needle goes after a random token that ends a sentence ('.'); then the rest of
+    the haystack and the question. Each dict: ids, answer, haystack (index), depth (token index
+    of the needle), question_len. Deterministic for (tokenizer, length, n, seed)."""
+    rng = random.Random(f"niah-{length}-{seed}")
+    special = {tok.bos_token_id, tok.eos_token_id}
+    clean = [t for t in stream[offset:] if t not in special]
+    out = []
+    for i in range(n):
+        name = rng.choice(NIAH_NAMES)
+        thing, values = rng.choice(NIAH_FACTS)
+        value = rng.choice(values)
+        needle = _enc(tok, NIAH_NEEDLE.format(name=name, thing=thing, value=value))
+        question = _enc(tok, NIAH_QUESTION.format(name=name, thing=thing))
+        h = i // per_haystack
+        head = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        size = length - len(head) - len(needle) - len(question)
+        hay = clean[h * length:h * length + size]
+        ends = [j for j in range(1, len(hay)) if tok.decode(hay[j - 1]).rstrip().endswith(".")]
+        cut = rng.choice(ends) if ends else rng.randint(0, len(hay))
+        out.append({"ids": head + hay[:cut] + needle + hay[cut:] + question, "answer": value,
+                    "haystack": h, "depth": len(head) + cut, "question_len": len(question)})
+    return out
+
+
+def niah_correct(text: str, answer: str) -> bool:
+    words = re.findall(r"[A-Za-z]+", text)
+    return bool(words) and words[0].lower() == answer.lower()
+
+
+def passkey_items(tok, length: int, n: int, seed: int = 0) -> list[dict]:
+    """model_patches.evaluate.passkey_prompts as dicts (one shared haystack: head + filler)."""
+    from model_patches.evaluate import PASSKEY_QUESTION, passkey_prompts
+    q = len(_enc(tok, PASSKEY_QUESTION))
+    return [{"ids": p.ids, "answer": p.answer, "haystack": 0, "depth": p.prefix_len,
+             "question_len": q} for p in passkey_prompts(tok, length, n, seed)]
+
+
+@torch.no_grad()
+def retrieval_outputs(model: ThinLM, item: dict, shared: list, policies: list[EvictionPolicy],
+                      max_new: int, stop: set[int], want: set[str]) -> dict[str, list[int]]:
+    """Greedy answer tokens of one prompt, keyed 'none', 'context/<setting>', 'engine/<setting>'
+    (only the keys in ``want`` are computed). ``shared``: the KV cache of a prefix of the
+    prompt's haystack that covers ids[:depth] (cropped here). context: the prompt without the
+    question is evicted, the question runs on the evicted cache; engine: the whole prompt is
+    evicted after its prefill (the first answer token comes from the prefill)."""
+    ids, q = item["ids"], item["question_len"]
+    n_ctx, d = len(ids) - q, item["depth"]
+    cache = [(k[:, :, :d], v[:, :, :d]) for k, v in shared]
+    _, cache = run_on_cache(model, cache, ids[d:n_ctx], d)           # the context's full cache
+    hs, full = run_on_cache(model, cache, ids[n_ctx:], n_ctx)        # + question, no eviction
+    first = int(model.logits(hs[-1]).argmax())
+    out = {}
+    if "none" in want:
+        out["none"] = greedy_on_cache(model, full, len(ids), first, max_new, stop)
+    for p in policies:
+        key = f"context/{_setting(p)}"
+        if key in want:
+            hs, ev = run_on_cache(model, evict_cache(cache, p), ids[n_ctx:], n_ctx)
+            out[key] = greedy_on_cache(model, ev, len(ids), int(model.logits(hs[-1]).argmax()),
+                                       max_new, stop)
+        key = f"engine/{_setting(p)}"
+        if key in want:
+            out[key] = greedy_on_cache(model, evict_cache(full, p), len(ids), first, max_new, stop)
+    return out
+
+
+# ---------------------------------------------------------------------------- driver
+def _policies(opts: dict) -> list[EvictionPolicy]:
+    out = [EvictionPolicy(keep=k, sink=opts["sink"], window=opts["window"]) for k in opts["keeps"]]
+    out += [EvictionPolicy.parse(s) for s in opts["extra"]]
+    return list(dict.fromkeys(out))
+
+
+def compute(opts: dict, log=print) -> dict:
+    """Compute (or read from the cache) every metric; returns the summary for the report."""
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from model_patches.quality import Results
+    from model_patches.wiki_data import token_stream
+
+    ckpt = Path(opts["model"])
+    res = Results(Path(opts["work"]), "eviction", ckpt)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    stream = token_stream(tok, "evaluation")
+    policies = _policies(opts)
+    model = ThinLM.from_dir(ckpt).eval()
+    torch.manual_seed(0)
+    summary: dict = {"policies": [p.to_dict() for p in policies], "ppl": {}, "retrieval": []}
+    bar_opts = dict(disable=not opts["progress"], dynamic_ncols=True)
+
+    # perplexity: per window, the missing settings only
+    ctx, half = opts["ppl_ctx"], opts["ppl_ctx"] // 2
+    windows = ppl_windows(stream, opts["ppl_windows"], ctx, half)
+    settings = [None] + policies
+    t0 = time.time()
+    for i in tqdm(range(len(windows)), desc=f"perplexity ctx {ctx}", unit="window", **bar_opts):
+        key = f"ppl/ctx{ctx}/stride{half}/w{i}/"
+        missing = [p for p in settings if res.get(key + _setting(p)) is None]
+        if missing:
+            for s, v in window_evicted_nll(model, windows[i], half, missing).items():
+                res.metrics[key + s] = v
+            res.put(key + _setting(missing[-1]), res.metrics[key + _setting(missing[-1])])
+    for p in settings:
+        nll = sum(res.get(f"ppl/ctx{ctx}/stride{half}/w{i}/{_setting(p)}")
+                  for i in range(len(windows)))
+        summary["ppl"][_setting(p)] = math.exp(nll / (len(windows) * (ctx - half)))
+    summary["ppl_meta"] = {"windows": len(windows), "ctx": ctx, "prompt": half,
+                           "scored": len(windows) * (ctx - half), "seconds": time.time() - t0}
+
+    # retrieval
+    stop = {t for t in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")) if t is not None}
+    stop |= {i for i in _enc(tok, "\n")}
+    tasks = []
+    for length in opts["lengths"]:
+        if opts["niah_n"]:
+            tasks.append(("niah", length, niah_prompts(tok, stream, length, opts["niah_n"],
+                                                       opts["seed"]), 6, niah_correct))
+        if opts["passkey_n"]:
+            from model_patches.evaluate import extract_passkey
+            tasks.append(("passkey", length, passkey_items(tok, length, opts["passkey_n"],
+                                                           opts["seed"]), 8,
+                          lambda text, ans: extract_passkey(text) == ans))
+    for name, length, items, max_new, correct in tasks:
+        keys = ["none"] + [f"{m}/{_setting(p)}" for p in policies for m in ("context", "engine")]
+        base = f"{name}/len{length}/n{len(items)}/seed{opts['seed']}"
+        shared, shared_h = None, None
+        t0 = time.time()
+        for j, item in enumerate(tqdm(items, desc=f"{name} {length}", unit="prompt", **bar_opts)):
+            want = {k for k in keys if res.get(f"{base}/i{j}/{k}") is None}
+            if not want:
+                continue
+            if shared_h != item["haystack"]:
+                group = [it for it in items if it["haystack"] == item["haystack"]]
+                longest = max(group, key=lambda it: it["depth"])
+                assert all(it["ids"][:it["depth"]] == longest["ids"][:it["depth"]] for it in group)
+                shared, shared_h = [], item["haystack"]
+                with torch.no_grad():
+                    model.hidden_states(torch.tensor([longest["ids"][:longest["depth"]]]), shared)
+            outs = retrieval_outputs(model, item, shared, policies, max_new, stop, want)
+            for k, toks in outs.items():
+                res.metrics[f"{base}/i{j}/{k}"] = tok.decode(toks, skip_special_tokens=True)
+            res.put(f"{base}/i{j}/{k}", res.metrics[f"{base}/i{j}/{k}"])
+        row = {"task": name, "length": length, "n": len(items), "acc": {},
+               "seconds": time.time() - t0}
+        for k in keys:
+            row["acc"][k] = sum(correct(res.get(f"{base}/i{j}/{k}"), it["answer"])
+                                for j, it in enumerate(items)) / len(items)
+        row["examples"] = [{"answer": it["answer"], "none": res.get(f"{base}/i{j}/none"),
+                            **{k: res.get(f"{base}/i{j}/{k}") for k in keys[1:3]}}
+                           for j, it in enumerate(items[:3])]
+        summary["retrieval"].append(row)
+        log(f"[eviction] {name} {length}: " + ", ".join(f"{k} {v:.0%}" for k, v in row["acc"].items()))
+    return summary
+
+
+# ---------------------------------------------------------------------------- report
+TASK_NAMES = {"niah": "needle in a haystack", "passkey": "passkey"}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def _pts(x: float, base: float) -> str:
+    return f"{100 * (x - base):+.0f}"
+
+
+def targets(summary: dict, sink: int, window: int) -> list[str]:
+    """The issue's targets, checked on the default-policy rows (context mode)."""
+    lines = []
+    ppl = summary["ppl"]
+    s05 = _setting(EvictionPolicy(0.5, sink, window))
+    if s05 in ppl:
+        rel = ppl[s05] / ppl["none"] - 1
+        lines.append(f"- perplexity, keep 0.5 within +1%: {rel:+.2%} — "
+                     f"{'met' if rel <= 0.01 else 'missed'}")
+    for task, keep in (("niah", 0.5), ("passkey", 0.1)):
+        s = _setting(EvictionPolicy(keep, sink, window))
+        for row in summary["retrieval"]:
+            if row["task"] != task or f"context/{s}" not in row["acc"]:
+                continue
+            base = row["acc"]["none"]
+            parts = []
+            for mode in ("context", "engine"):
+                d = 100 * (row["acc"][f"{mode}/{s}"] - base)
+                parts.append(f"{mode} mode {d:+.0f} points ({'met' if d >= -2 else 'missed'})")
+            lines.append(f"- {TASK_NAMES[task]} {row['length']}, keep {keep:g} within 2 points "
+                         f"(n = {row['n']}): " + "; ".join(parts))
+    return lines
+
+
+def plot(path: Path, summary: dict, policies: list[EvictionPolicy], opts: dict) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    main = sorted((p for p in policies if (p.sink, p.window) == (opts["sink"], opts["window"])),
+                  key=lambda p: -p.keep)
+    xs = [1.0] + [p.keep for p in main]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ppl = summary["ppl"]
+    ax[0].plot(xs, [0.0] + [100 * (ppl[_setting(p)] / ppl["none"] - 1) for p in main], "o-")
+    ax[0].axhline(1.0, color="gray", ls=":", label="target (keep 0.5): +1%")
+    ax[0].set(xlabel="fraction of prompt KV kept", ylabel="perplexity change (%)",
+              title=f"Perplexity, {summary['ppl_meta']['prompt']}-token evicted prompt")
+    ax[0].invert_xaxis()
+    ax[0].legend()
+    for row in summary["retrieval"]:
+        for mode, ls in (("context", "-"), ("engine", "--")):
+            ys = [row["acc"]["none"]] + [row["acc"][f"{mode}/{_setting(p)}"] for p in main]
+            ax[1].plot(xs, [100 * y for y in ys], "o" + ls,
+                       label=f"{row['task']} {row['length']} ({mode})")
+    ax[1].set(xlabel="fraction of prompt KV kept", ylabel="exact match (%)", ylim=(-5, 105),
+              title="Retrieval (greedy)")
+    ax[1].invert_xaxis()
+    ax[1].legend(fontsize=7)
+    fig.suptitle(f"L2-norm eviction, SmolLM2-135M-Instruct (sink {opts['sink']}, "
+                 f"window {opts['window']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report_section(summary: dict, opts: dict, command: str, plot_name: str | None,
+                   minutes: float) -> str:
+    policies = [EvictionPolicy(**p) for p in summary["policies"]]
+    base = EvictionPolicy(0.5, opts["sink"], opts["window"])
+    meta = summary["ppl_meta"]
+    ppl = summary["ppl"]
+    out = [BEGIN, "## Quality: perplexity and retrieval (plain torch, default model)", "",
+           f"Command: `{command}` (`make bench-eviction-quality`)", "",
+           f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} shared CPU cores "
+           f"({platform.machine()}), {minutes:.0f} min of compute in the run(s) that filled the "
+           "cache. SmolLM2-135M-Instruct (30 layers, 3 KV heads, head_dim 64), float32, "
+           f"`model_patches/eviction_quality.py`: the prompt is prefilled with full attention, "
+           "then its KV cache is compacted per layer and KV head to `EvictionPolicy.select` "
+           "(the lowest-‖k‖₂ middle tokens plus the first `sink` and last `window`), and later "
+           "tokens run on the compacted cache at their logical positions — the engine's "
+           "semantics, checked against `engine.reference` and transformers in "
+           "`tests/test_eviction_reference.py`. Policy: "
+           f"sink {opts['sink']}, window {opts['window']} (the defaults).", "",
+           "### Perplexity", "",
+           f"Held-out Wikipedia text (`wiki_data.token_stream(tok, 'evaluation')`), "
+           f"{meta['windows']} sliding windows of {meta['ctx']} tokens at stride {meta['prompt']}: "
+           f"the first {meta['prompt']} tokens of a window are the evicted prompt, the last "
+           f"{meta['ctx'] - meta['prompt']} are scored teacher-forced on the evicted cache "
+           f"({meta['scored']:,} scored tokens).", "",
+           "| setting | prompt KV kept | PPL | Δ vs no eviction |", "|---|---:|---:|---:|",
+           f"| no eviction | {meta['prompt']} (100%) | {ppl['none']:.3f} | – |"]
+    for p in policies:
+        k = p.num_kept(meta["prompt"])
+        out.append(f"| {_label(p, base)} | {k} ({k / meta['prompt']:.0%}) | "
+                   f"{ppl[_setting(p)]:.3f} | {ppl[_setting(p)] / ppl['none'] - 1:+.2%} |")
+    out += ["", "### Retrieval", "",
+            "Greedy answers, exact match. *Needle in a haystack*: a held-out Wikipedia "
+            "haystack (one per 10 prompts), the fact `<name>'s favourite <thing> is <value>.` "
+            "after a random sentence end, then `Question: What is <name>'s favourite <thing>?"
+            "\\nAnswer: <name>'s favourite <thing> is`; correct when the first word of the "
+            "answer is the value. *Passkey*: `model_patches.evaluate.passkey_prompts` "
+            "(repeated filler, 5-digit key at a random depth), `extract_passkey`.", "",
+            "Two modes. **context**: the evicted prompt is everything before the question; the "
+            "question is fed afterwards on the evicted cache, so every answer token depends on "
+            "what was kept (the stricter test; the kvpress / paper setting). **engine**: the "
+            "whole prompt, question included, is evicted after its prefill (what `factorkv "
+            "serve --kv-evict` does to one request): the first answer token comes from the "
+            "prefill, only the following ones see the evicted cache.", "",
+            "| task | length | n | setting | prompt KV kept | context mode | Δ (points) | "
+            "engine mode | Δ (points) |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for row in summary["retrieval"]:
+        b = row["acc"]["none"]
+        out.append(f"| {TASK_NAMES[row['task']]} | {row['length']} | {row['n']} | no eviction | "
+                   f"100% | {_pct(b)} | – | {_pct(b)} | – |")
+        for p in policies:
+            s = _setting(p)
+            c, e = row["acc"][f"context/{s}"], row["acc"][f"engine/{s}"]
+            out.append(f"| | | | {_label(p, base)} | ≈{p.num_kept(row['length']) / row['length']:.0%} | "
+                       f"{_pct(c)} | {_pts(c, b)} | {_pct(e)} | {_pts(e, b)} |")
+    out += ["", "### Targets (issue 9)", ""] + targets(summary, opts["sink"], opts["window"])
+    if plot_name:
+        out += ["", f"![eviction quality]({plot_name})"]
+    out += ["", "Per-item results are cached in `~/.cache/factorkv/eviction/results/eviction.json` "
+            "(keyed by task, settings and the checkpoint's fingerprint); a re-run only computes "
+            "what is missing and rewrites this section.", END]
+    return "\n".join(out)
+
+
+def write_report(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else \
+        "# L2-norm KV eviction: results\n\n" + BEGIN + "\n" + END + "\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + section + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _floats(s: str) -> list[float]:
+    return [float(x) for x in s.split(",") if x.strip()]
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from model_patches.default_model import cache_root, default_model_dir
+    ap = argparse.ArgumentParser(prog="python -m model_patches.eviction_quality",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=str(default_model_dir()), help="checkpoint (default: the "
+                    "prepared default model)")
+    ap.add_argument("--keeps", type=_floats, default=[0.5, 0.25, 0.1])
+    ap.add_argument("--sink", type=int, default=DEFAULT_SINK)
+    ap.add_argument("--window", type=int, default=DEFAULT_WINDOW)
+    ap.add_argument("--extra", action="append", default=[], metavar="keep=F,sink=S,window=W",
+                    help="an extra policy row (repeatable), e.g. a variation of the window")
+    ap.add_argument("--ppl-windows", type=int, default=24)
+    ap.add_argument("--ppl-ctx", type=int, default=2048)
+    ap.add_argument("--lengths", type=_ints, default=[2048, 4096])
+    ap.add_argument("--niah-n", type=int, default=50)
+    ap.add_argument("--passkey-n", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", default=str(cache_root() / "eviction"))
+    ap.add_argument("--out", default=str(REPORT))
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    opts = {k: v for k, v in vars(a).items()}
+    opts["progress"] = not a.no_progress
+    command = "python -m model_patches.eviction_quality " + shlex.join(
+        argv if argv is not None else sys.argv[1:])
+    t0 = time.time()
+    summary = compute(opts)
+    out = Path(a.out)
+    policies = [EvictionPolicy(**p) for p in summary["policies"]]
+    png = plot(out.parent / PLOT, summary, policies, opts)
+    minutes = (summary["ppl_meta"]["seconds"] + sum(r["seconds"] for r in summary["retrieval"])) / 60
+    write_report(out, report_section(summary, opts, command.strip(), png and png.name, minutes))
+    (Path(a.work) / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"[eviction] wrote {out} in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
