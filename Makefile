@@ -66,5 +66,13 @@ BENCH_QUALITY_ARGS ?=
 bench-quality: $(STAMP)
 	$(BIN)/factorkv eval $(BENCH_QUALITY_ARGS)
 
+# bench-eviction-quality: L2-norm KV eviction (keep 0.5/0.25/0.1, sink 4, window 64) on the default
+# model: perplexity, needle in a haystack, passkey -> docs/results/eviction.md (quality section;
+# ~30-50 min on 2 cores; per-item results cached in ~/.cache/factorkv/eviction).
+.PHONY: bench-eviction-quality
+BENCH_EVICTION_QUALITY_ARGS ?=
+bench-eviction-quality: $(STAMP)
+	$(BIN)/python -m model_patches.eviction_quality $(BENCH_EVICTION_QUALITY_ARGS)
+
 clean-venv:
 	rm -rf $(VENV)

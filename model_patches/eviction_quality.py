@@ -221,6 +221,11 @@ def retrieval_outputs(model: ThinLM, item: dict, shared: list, policies: list[Ev
 
 
 # ---------------------------------------------------------------------------- driver
+def _add_seconds(res, key: str, seconds: float) -> None:
+    """Accumulate compute time under ``key`` and save every pending result (atomic write)."""
+    res.put(key, (res.get(key) or 0.0) + seconds)
+
+
 def _policies(opts: dict) -> list[EvictionPolicy]:
     out = [EvictionPolicy(keep=k, sink=opts["sink"], window=opts["window"]) for k in opts["keeps"]]
     out += [EvictionPolicy.parse(s) for s in opts["extra"]]
@@ -249,20 +254,21 @@ def compute(opts: dict, log=print) -> dict:
     ctx, half = opts["ppl_ctx"], opts["ppl_ctx"] // 2
     windows = ppl_windows(stream, opts["ppl_windows"], ctx, half)
     settings = [None] + policies
-    t0 = time.time()
     for i in tqdm(range(len(windows)), desc=f"perplexity ctx {ctx}", unit="window", **bar_opts):
         key = f"ppl/ctx{ctx}/stride{half}/w{i}/"
         missing = [p for p in settings if res.get(key + _setting(p)) is None]
         if missing:
+            t0 = time.time()
             for s, v in window_evicted_nll(model, windows[i], half, missing).items():
                 res.metrics[key + s] = v
-            res.put(key + _setting(missing[-1]), res.metrics[key + _setting(missing[-1])])
+            _add_seconds(res, f"ppl/ctx{ctx}/seconds", time.time() - t0)
     for p in settings:
         nll = sum(res.get(f"ppl/ctx{ctx}/stride{half}/w{i}/{_setting(p)}")
                   for i in range(len(windows)))
         summary["ppl"][_setting(p)] = math.exp(nll / (len(windows) * (ctx - half)))
     summary["ppl_meta"] = {"windows": len(windows), "ctx": ctx, "prompt": half,
-                           "scored": len(windows) * (ctx - half), "seconds": time.time() - t0}
+                           "scored": len(windows) * (ctx - half),
+                           "seconds": res.get(f"ppl/ctx{ctx}/seconds") or 0.0}
 
     # retrieval
     stop = {t for t in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")) if t is not None}
@@ -279,13 +285,17 @@ def compute(opts: dict, log=print) -> dict:
                           lambda text, ans: extract_passkey(text) == ans))
     for name, length, items, max_new, correct in tasks:
         keys = ["none"] + [f"{m}/{_setting(p)}" for p in policies for m in ("context", "engine")]
-        base = f"{name}/len{length}/n{len(items)}/seed{opts['seed']}"
+        base = f"{name}/len{length}/seed{opts['seed']}"      # items are prefix-stable in n
+
+        def ikey(j: int, it: dict, k: str) -> str:
+            return f"{base}/i{j}-d{it['depth']}-{it['answer']}/{k}"
+
         shared, shared_h = None, None
-        t0 = time.time()
         for j, item in enumerate(tqdm(items, desc=f"{name} {length}", unit="prompt", **bar_opts)):
-            want = {k for k in keys if res.get(f"{base}/i{j}/{k}") is None}
+            want = {k for k in keys if res.get(ikey(j, item, k)) is None}
             if not want:
                 continue
+            t0 = time.time()
             if shared_h != item["haystack"]:
                 group = [it for it in items if it["haystack"] == item["haystack"]]
                 longest = max(group, key=lambda it: it["depth"])
@@ -295,15 +305,14 @@ def compute(opts: dict, log=print) -> dict:
                     model.hidden_states(torch.tensor([longest["ids"][:longest["depth"]]]), shared)
             outs = retrieval_outputs(model, item, shared, policies, max_new, stop, want)
             for k, toks in outs.items():
-                res.metrics[f"{base}/i{j}/{k}"] = tok.decode(toks, skip_special_tokens=True)
-            res.put(f"{base}/i{j}/{k}", res.metrics[f"{base}/i{j}/{k}"])
+                res.metrics[ikey(j, item, k)] = tok.decode(toks, skip_special_tokens=True)
+            _add_seconds(res, f"{base}/seconds", time.time() - t0)
         row = {"task": name, "length": length, "n": len(items), "acc": {},
-               "seconds": time.time() - t0}
+               "seconds": res.get(f"{base}/seconds") or 0.0}
         for k in keys:
-            row["acc"][k] = sum(correct(res.get(f"{base}/i{j}/{k}"), it["answer"])
+            row["acc"][k] = sum(correct(res.get(ikey(j, it, k)), it["answer"])
                                 for j, it in enumerate(items)) / len(items)
-        row["examples"] = [{"answer": it["answer"], "none": res.get(f"{base}/i{j}/none"),
-                            **{k: res.get(f"{base}/i{j}/{k}") for k in keys[1:3]}}
+        row["examples"] = [{"answer": it["answer"], **{k: res.get(ikey(j, it, k)) for k in keys[:3]}}
                            for j, it in enumerate(items[:3])]
         summary["retrieval"].append(row)
         log(f"[eviction] {name} {length}: " + ", ".join(f"{k} {v:.0%}" for k, v in row["acc"].items()))
@@ -485,8 +494,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default=str(cache_root() / "eviction"))
     ap.add_argument("--out", default=str(REPORT))
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: the cores "
+                    "not busy by the 1-min load average, at least 1; oversubscribed threads on a "
+                    "shared machine are several times slower)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(a.threads or max(1, cores - int(os.getloadavg()[0] + 0.5)))
     opts = {k: v for k, v in vars(a).items()}
     opts["progress"] = not a.no_progress
     command = "python -m model_patches.eviction_quality " + shlex.join(
@@ -499,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (summary["ppl_meta"]["seconds"] + sum(r["seconds"] for r in summary["retrieval"])) / 60
     write_report(out, report_section(summary, opts, command.strip(), png and png.name, minutes))
     (Path(a.work) / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"[eviction] wrote {out} in {time.time() - t0:.0f} s")
+    print(f"[eviction] wrote {out} in {time.time() - t0:.0f} s ({torch.get_num_threads()} threads)")
     return 0
 
 
