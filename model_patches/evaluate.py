@@ -101,15 +101,14 @@ class ThinLM(torch.nn.Module):
                       pos0: int | None = None) -> torch.Tensor:
         """ids [B, T] -> final normed hidden states [B, T, hidden]. ``cache``: a list that
         holds (k, v) per layer ([B, H_kv, S, r], [B, H_kv, S, D], k after RoPE); it is read
-        (S earlier positions) and extended in place. ``pos0``: the RoPE position of ids[:, 0]
-        (default S; larger after a compacting KV eviction)."""
+        (S earlier positions; S may differ per layer) and extended in place. ``pos0``: the
+        RoPE position of ids[:, 0] (default: layer 0's S; larger after a compacting KV
+        eviction)."""
         b, t = ids.shape
         start = cache[0][0].shape[2] if cache else 0
         pos0 = start if pos0 is None else pos0
         pos = torch.arange(pos0, pos0 + t)
-        mask = None
-        if start and t > 1:    # queries start+i see keys 0..start+i
-            mask = torch.ones(t, start + t, dtype=torch.bool).tril(start)
+        masks: dict[int, torch.Tensor | None] = {}
         x = self.w["model.embed_tokens.weight"][ids]
         for i in range(self.n_layers):
             p, r = f"model.layers.{i}", self.ranks[i]
@@ -129,6 +128,10 @@ class ThinLM(torch.nn.Module):
                     cache[i] = (k, v)
                 else:
                     cache.append((k, v))
+            s = k.shape[2] - t               # earlier positions in this layer's cache
+            if s not in masks:               # queries s+i see keys 0..s+i
+                masks[s] = torch.ones(t, s + t, dtype=torch.bool).tril(s) if s and t > 1 else None
+            mask = masks[s]
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                is_causal=mask is None and t > 1,
                                                scale=self.scale, enable_gqa=self.h != self.h_kv)

@@ -44,6 +44,7 @@ import re
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -58,12 +59,16 @@ PLOT = "eviction-quality.png"
 
 
 # ---------------------------------------------------------------------------- eviction math
-def evict_cache(cache: list, policy: EvictionPolicy) -> list:
+def evict_cache(cache: list, policy: EvictionPolicy, skip_layers: int = 0) -> list:
     """Compact a KV cache (per layer (k [B, H_kv, L, r], v [B, H_kv, L, D]), k after RoPE) to
     the positions ``policy.select(‖k‖₂)`` of each sequence, layer and KV head, in order. Every
-    head keeps the same count, so the result is again a dense cache [B, H_kv, kept, ·]."""
+    head keeps the same count, so the result is again a dense cache [B, H_kv, kept, ·].
+    ``skip_layers`` (a variation, not an engine option): the first N layers keep everything."""
     out = []
-    for k, v in cache:
+    for i, (k, v) in enumerate(cache):
+        if i < skip_layers:
+            out.append((k, v))
+            continue
         sel = torch.stack([policy.select(kb.float().norm(dim=-1)) for kb in k])   # [B, H_kv, n]
         out.append((k.gather(2, sel[..., None].expand(-1, -1, -1, k.shape[-1])),
                     v.gather(2, sel[..., None].expand(-1, -1, -1, v.shape[-1]))))
@@ -92,17 +97,56 @@ def greedy_on_cache(model: ThinLM, cache: list, pos0: int, first: int, max_new: 
     return out
 
 
-def _setting(policy: EvictionPolicy | None) -> str:
-    """Result key of a policy: 'none' or 'keep0.5-s4-w64'."""
-    return "none" if policy is None else f"keep{policy.keep:g}-s{policy.sink}-w{policy.window}"
+@dataclass(frozen=True)
+class Setting:
+    """One eviction setting of the benchmark: a policy, plus a variation the engine does not
+    implement, ``skip_layers`` (the first N layers keep their whole cache)."""
+    policy: EvictionPolicy
+    skip_layers: int = 0
+
+    @property
+    def key(self) -> str:
+        """Result key, e.g. 'keep0.5-s4-w64' or 'keep0.5-s4-w64-skip2'."""
+        p = self.policy
+        return f"keep{p.keep:g}-s{p.sink}-w{p.window}" + \
+            (f"-skip{self.skip_layers}" if self.skip_layers else "")
+
+    def label(self, sink: int, window: int) -> str:
+        p, extra = self.policy, []
+        if (p.sink, p.window) != (sink, window):
+            extra.append(f"sink {p.sink}, window {p.window}")
+        if self.skip_layers:
+            extra.append(f"layers 0-{self.skip_layers - 1} not evicted")
+        return f"keep {p.keep:g}" + (f" ({'; '.join(extra)})" if extra else "")
+
+    def kept_fraction(self, n: int, n_layers: int) -> float:
+        """Fraction of an n-token prompt's KV (all layers) that stays."""
+        k = self.policy.num_kept(n)
+        return (self.skip_layers * n + (n_layers - self.skip_layers) * k) / (n_layers * n)
+
+    def evict(self, cache: list) -> list:
+        return evict_cache(cache, self.policy, self.skip_layers) if self.policy.enabled else cache
+
+    @classmethod
+    def parse(cls, spec: str) -> "Setting":
+        """'keep=F[,sink=S][,window=W][,skip=N]'."""
+        parts = [x.strip() for x in spec.split(",") if x.strip()]
+        skip = [int(x.split("=", 1)[1]) for x in parts if x.startswith("skip=")]
+        return cls(EvictionPolicy.parse(",".join(x for x in parts if not x.startswith("skip="))),
+                   skip[-1] if skip else 0)
+
+    def to_dict(self) -> dict:
+        return {**self.policy.to_dict(), "skip_layers": self.skip_layers}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Setting":
+        d = dict(d)
+        skip = d.pop("skip_layers", 0)
+        return cls(EvictionPolicy(**d), skip)
 
 
-def _label(policy: EvictionPolicy | None, base: EvictionPolicy | None = None) -> str:
-    if policy is None:
-        return "no eviction"
-    extra = "" if base is None or (policy.sink, policy.window) == (base.sink, base.window) else \
-        f" (sink {policy.sink}, window {policy.window})"
-    return f"keep {policy.keep:g}{extra}"
+def _key(setting: Setting | None) -> str:
+    return "none" if setting is None else setting.key
 
 
 # ---------------------------------------------------------------------------- perplexity
@@ -117,19 +161,19 @@ def ppl_windows(stream: list[int], n: int, ctx: int = 2048, stride: int = 1024) 
 
 @torch.no_grad()
 def window_evicted_nll(model: ThinLM, window: torch.Tensor, prompt_len: int,
-                       policies: list[EvictionPolicy | None]) -> dict[str, float]:
-    """Σ NLL of window[prompt_len:] per policy: one prefill of the prompt, then the rest
-    teacher-forced on the (evicted) cache. The first scored token is predicted by the prompt's
-    last row (identical for every policy)."""
+                       settings: list[Setting | None]) -> dict[str, float]:
+    """Σ NLL of window[prompt_len:] per setting (None: no eviction): one prefill of the prompt,
+    then the rest teacher-forced on the (evicted) cache. The first scored token is predicted by
+    the prompt's last row (identical for every setting)."""
     cache: list = []
     last = model.hidden_states(window[None, :prompt_len], cache)[0, -1:]
     first = token_nll(model, last, window[prompt_len:prompt_len + 1])
     out = {}
-    for policy in policies:
-        c = cache if policy is None or not policy.enabled else evict_cache(cache, policy)
+    for setting in settings:
+        c = cache if setting is None else setting.evict(cache)
         hs, _ = run_on_cache(model, c, window[prompt_len:-1], prompt_len)
         nll = torch.cat([first, token_nll(model, hs, window[prompt_len + 1:])])
-        out[_setting(policy)] = nll.double().sum().item()
+        out[_key(setting)] = nll.double().sum().item()
     return out
 
 
@@ -192,7 +236,7 @@ def passkey_items(tok, length: int, n: int, seed: int = 0) -> list[dict]:
 
 
 @torch.no_grad()
-def retrieval_outputs(model: ThinLM, item: dict, shared: list, policies: list[EvictionPolicy],
+def retrieval_outputs(model: ThinLM, item: dict, shared: list, settings: list[Setting],
                       max_new: int, stop: set[int], want: set[str]) -> dict[str, list[int]]:
     """Greedy answer tokens of one prompt, keyed 'none', 'context/<setting>', 'engine/<setting>'
     (only the keys in ``want`` are computed). ``shared``: the KV cache of a prefix of the
@@ -208,15 +252,15 @@ def retrieval_outputs(model: ThinLM, item: dict, shared: list, policies: list[Ev
     out = {}
     if "none" in want:
         out["none"] = greedy_on_cache(model, full, len(ids), first, max_new, stop)
-    for p in policies:
-        key = f"context/{_setting(p)}"
+    for st in settings:
+        key = f"context/{st.key}"
         if key in want:
-            hs, ev = run_on_cache(model, evict_cache(cache, p), ids[n_ctx:], n_ctx)
+            hs, ev = run_on_cache(model, st.evict(cache), ids[n_ctx:], n_ctx)
             out[key] = greedy_on_cache(model, ev, len(ids), int(model.logits(hs[-1]).argmax()),
                                        max_new, stop)
-        key = f"engine/{_setting(p)}"
+        key = f"engine/{st.key}"
         if key in want:
-            out[key] = greedy_on_cache(model, evict_cache(full, p), len(ids), first, max_new, stop)
+            out[key] = greedy_on_cache(model, st.evict(full), len(ids), first, max_new, stop)
     return out
 
 
@@ -226,10 +270,12 @@ def _add_seconds(res, key: str, seconds: float) -> None:
     res.put(key, (res.get(key) or 0.0) + seconds)
 
 
-def _policies(opts: dict) -> list[EvictionPolicy]:
-    out = [EvictionPolicy(keep=k, sink=opts["sink"], window=opts["window"]) for k in opts["keeps"]]
-    out += [EvictionPolicy.parse(s) for s in opts["extra"]]
-    return list(dict.fromkeys(out))
+def _settings(opts: dict) -> tuple[list[Setting], list[Setting]]:
+    """(main settings: --keeps at --sink/--window, extra settings: --extra)."""
+    main = [Setting(EvictionPolicy(keep=k, sink=opts["sink"], window=opts["window"]))
+            for k in opts["keeps"]]
+    extra = [s for s in dict.fromkeys(Setting.parse(x) for x in opts["extra"]) if s not in main]
+    return main, extra
 
 
 def compute(opts: dict, log=print) -> dict:
@@ -244,28 +290,32 @@ def compute(opts: dict, log=print) -> dict:
     res = Results(Path(opts["work"]), "eviction", ckpt)
     tok = AutoTokenizer.from_pretrained(ckpt)
     stream = token_stream(tok, "evaluation")
-    policies = _policies(opts)
+    main, extra = _settings(opts)
     model = ThinLM.from_dir(ckpt).eval()
-    torch.manual_seed(0)
-    summary: dict = {"policies": [p.to_dict() for p in policies], "ppl": {}, "retrieval": []}
+    summary: dict = {"settings": [s.to_dict() for s in main + extra], "n_layers": model.n_layers,
+                     "ppl": {}, "retrieval": []}
+
+    def wanted(task: str) -> list[Setting]:        # --extra settings only where asked
+        tasks = opts["extra_tasks"]
+        return main + (extra if tasks == ["all"] or task in tasks else [])
     bar_opts = dict(disable=not opts["progress"], dynamic_ncols=True)
 
     # perplexity: per window, the missing settings only
     ctx, half = opts["ppl_ctx"], opts["ppl_ctx"] // 2
     windows = ppl_windows(stream, opts["ppl_windows"], ctx, half)
-    settings = [None] + policies
+    settings = [None] + wanted("ppl")
     for i in tqdm(range(len(windows)), desc=f"perplexity ctx {ctx}", unit="window", **bar_opts):
         key = f"ppl/ctx{ctx}/stride{half}/w{i}/"
-        missing = [p for p in settings if res.get(key + _setting(p)) is None]
+        missing = [p for p in settings if res.get(key + _key(p)) is None]
         if missing:
             t0 = time.time()
             for s, v in window_evicted_nll(model, windows[i], half, missing).items():
                 res.metrics[key + s] = v
             _add_seconds(res, f"ppl/ctx{ctx}/seconds", time.time() - t0)
     for p in settings:
-        nll = sum(res.get(f"ppl/ctx{ctx}/stride{half}/w{i}/{_setting(p)}")
+        nll = sum(res.get(f"ppl/ctx{ctx}/stride{half}/w{i}/{_key(p)}")
                   for i in range(len(windows)))
-        summary["ppl"][_setting(p)] = math.exp(nll / (len(windows) * (ctx - half)))
+        summary["ppl"][_key(p)] = math.exp(nll / (len(windows) * (ctx - half)))
     summary["ppl_meta"] = {"windows": len(windows), "ctx": ctx, "prompt": half,
                            "scored": len(windows) * (ctx - half),
                            "seconds": res.get(f"ppl/ctx{ctx}/seconds") or 0.0}
@@ -284,7 +334,8 @@ def compute(opts: dict, log=print) -> dict:
                                                            opts["seed"]), 8,
                           lambda text, ans: extract_passkey(text) == ans))
     for name, length, items, max_new, correct in tasks:
-        keys = ["none"] + [f"{m}/{_setting(p)}" for p in policies for m in ("context", "engine")]
+        settings = wanted(f"{name}{length}")
+        keys = ["none"] + [f"{m}/{p.key}" for p in settings for m in ("context", "engine")]
         base = f"{name}/len{length}/seed{opts['seed']}"      # items are prefix-stable in n
 
         def ikey(j: int, it: dict, k: str) -> str:
@@ -303,7 +354,7 @@ def compute(opts: dict, log=print) -> dict:
                 shared, shared_h = [], item["haystack"]
                 with torch.no_grad():
                     model.hidden_states(torch.tensor([longest["ids"][:longest["depth"]]]), shared)
-            outs = retrieval_outputs(model, item, shared, policies, max_new, stop, want)
+            outs = retrieval_outputs(model, item, shared, settings, max_new, stop, want)
             for k, toks in outs.items():
                 res.metrics[ikey(j, item, k)] = tok.decode(toks, skip_special_tokens=True)
             _add_seconds(res, f"{base}/seconds", time.time() - t0)
@@ -323,25 +374,25 @@ def compute(opts: dict, log=print) -> dict:
 TASK_NAMES = {"niah": "needle in a haystack", "passkey": "passkey"}
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.0f}%"
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.0f}%"
 
 
-def _pts(x: float, base: float) -> str:
-    return f"{100 * (x - base):+.0f}"
+def _pts(x: float | None, base: float) -> str:
+    return "–" if x is None else f"{100 * (x - base):+.0f}"
 
 
 def targets(summary: dict, sink: int, window: int) -> list[str]:
-    """The issue's targets, checked on the default-policy rows (context mode)."""
+    """The issue's targets, checked on the default-policy rows (both retrieval modes)."""
     lines = []
     ppl = summary["ppl"]
-    s05 = _setting(EvictionPolicy(0.5, sink, window))
+    s05 = Setting(EvictionPolicy(0.5, sink, window)).key
     if s05 in ppl:
         rel = ppl[s05] / ppl["none"] - 1
         lines.append(f"- perplexity, keep 0.5 within +1%: {rel:+.2%} — "
                      f"{'met' if rel <= 0.01 else 'missed'}")
     for task, keep in (("niah", 0.5), ("passkey", 0.1)):
-        s = _setting(EvictionPolicy(keep, sink, window))
+        s = Setting(EvictionPolicy(keep, sink, window)).key
         for row in summary["retrieval"]:
             if row["task"] != task or f"context/{s}" not in row["acc"]:
                 continue
@@ -355,27 +406,28 @@ def targets(summary: dict, sink: int, window: int) -> list[str]:
     return lines
 
 
-def plot(path: Path, summary: dict, policies: list[EvictionPolicy], opts: dict) -> Path | None:
+def plot(path: Path, summary: dict, settings: list[Setting], opts: dict) -> Path | None:
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    main = sorted((p for p in policies if (p.sink, p.window) == (opts["sink"], opts["window"])),
-                  key=lambda p: -p.keep)
-    xs = [1.0] + [p.keep for p in main]
+    main = sorted((s for s in settings if s.skip_layers == 0 and
+                   (s.policy.sink, s.policy.window) == (opts["sink"], opts["window"])),
+                  key=lambda s: -s.policy.keep)
+    xs = [1.0] + [s.policy.keep for s in main]
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     ppl = summary["ppl"]
-    ax[0].plot(xs, [0.0] + [100 * (ppl[_setting(p)] / ppl["none"] - 1) for p in main], "o-")
-    ax[0].axhline(1.0, color="gray", ls=":", label="target (keep 0.5): +1%")
+    ax[0].plot(xs, [0.0] + [100 * (ppl[s.key] / ppl["none"] - 1) for s in main], "o-")
+    ax[0].axhline(1.0, color="gray", ls=":", label="target at keep 0.5: +1%")
     ax[0].set(xlabel="fraction of prompt KV kept", ylabel="perplexity change (%)",
               title=f"Perplexity, {summary['ppl_meta']['prompt']}-token evicted prompt")
     ax[0].invert_xaxis()
     ax[0].legend()
     for row in summary["retrieval"]:
         for mode, ls in (("context", "-"), ("engine", "--")):
-            ys = [row["acc"]["none"]] + [row["acc"][f"{mode}/{_setting(p)}"] for p in main]
+            ys = [row["acc"]["none"]] + [row["acc"][f"{mode}/{s.key}"] for s in main]
             ax[1].plot(xs, [100 * y for y in ys], "o" + ls,
                        label=f"{row['task']} {row['length']} ({mode})")
     ax[1].set(xlabel="fraction of prompt KV kept", ylabel="exact match (%)", ylim=(-5, 105),
@@ -392,8 +444,8 @@ def plot(path: Path, summary: dict, policies: list[EvictionPolicy], opts: dict) 
 
 def report_section(summary: dict, opts: dict, command: str, plot_name: str | None,
                    minutes: float) -> str:
-    policies = [EvictionPolicy(**p) for p in summary["policies"]]
-    base = EvictionPolicy(0.5, opts["sink"], opts["window"])
+    settings = [Setting.from_dict(d) for d in summary["settings"]]
+    sink, window, n_layers = opts["sink"], opts["window"], summary["n_layers"]
     meta = summary["ppl_meta"]
     ppl = summary["ppl"]
     out = [BEGIN, "## Quality: perplexity and retrieval (plain torch, default model)", "",
@@ -401,13 +453,12 @@ def report_section(summary: dict, opts: dict, command: str, plot_name: str | Non
            f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} shared CPU cores "
            f"({platform.machine()}), {minutes:.0f} min of compute in the run(s) that filled the "
            "cache. SmolLM2-135M-Instruct (30 layers, 3 KV heads, head_dim 64), float32, "
-           f"`model_patches/eviction_quality.py`: the prompt is prefilled with full attention, "
+           "`model_patches/eviction_quality.py`: the prompt is prefilled with full attention, "
            "then its KV cache is compacted per layer and KV head to `EvictionPolicy.select` "
            "(the lowest-‖k‖₂ middle tokens plus the first `sink` and last `window`), and later "
            "tokens run on the compacted cache at their logical positions — the engine's "
            "semantics, checked against `engine.reference` and transformers in "
-           "`tests/test_eviction_reference.py`. Policy: "
-           f"sink {opts['sink']}, window {opts['window']} (the defaults).", "",
+           f"`tests/test_eviction_reference.py`. Policy: sink {sink}, window {window}.", "",
            "### Perplexity", "",
            f"Held-out Wikipedia text (`wiki_data.token_stream(tok, 'evaluation')`), "
            f"{meta['windows']} sliding windows of {meta['ctx']} tokens at stride {meta['prompt']}: "
@@ -415,18 +466,20 @@ def report_section(summary: dict, opts: dict, command: str, plot_name: str | Non
            f"{meta['ctx'] - meta['prompt']} are scored teacher-forced on the evicted cache "
            f"({meta['scored']:,} scored tokens).", "",
            "| setting | prompt KV kept | PPL | Δ vs no eviction |", "|---|---:|---:|---:|",
-           f"| no eviction | {meta['prompt']} (100%) | {ppl['none']:.3f} | – |"]
-    for p in policies:
-        k = p.num_kept(meta["prompt"])
-        out.append(f"| {_label(p, base)} | {k} ({k / meta['prompt']:.0%}) | "
-                   f"{ppl[_setting(p)]:.3f} | {ppl[_setting(p)] / ppl['none'] - 1:+.2%} |")
+           f"| no eviction | 100% | {ppl['none']:.3f} | – |"]
+    for st in settings:
+        if st.key in ppl:
+            out.append(f"| {st.label(sink, window)} | "
+                       f"{st.kept_fraction(meta['prompt'], n_layers):.1%} | {ppl[st.key]:.3f} | "
+                       f"{ppl[st.key] / ppl['none'] - 1:+.2%} |")
     out += ["", "### Retrieval", "",
             "Greedy answers, exact match. *Needle in a haystack*: a held-out Wikipedia "
             "haystack (one per 10 prompts), the fact `<name>'s favourite <thing> is <value>.` "
-            "after a random sentence end, then `Question: What is <name>'s favourite <thing>?"
-            "\\nAnswer: <name>'s favourite <thing> is`; correct when the first word of the "
-            "answer is the value. *Passkey*: `model_patches.evaluate.passkey_prompts` "
-            "(repeated filler, 5-digit key at a random depth), `extract_passkey`.", "",
+            "(16 names, 6 things, 6 values each) after a random sentence end, then `Question: "
+            "What is <name>'s favourite <thing>?\\nAnswer: <name>'s favourite <thing> is`; "
+            "correct when the first word of the answer is the value. *Passkey*: "
+            "`model_patches.evaluate.passkey_prompts` (repeated filler, 5-digit key at a random "
+            "depth), `extract_passkey`.", "",
             "Two modes. **context**: the evicted prompt is everything before the question; the "
             "question is fed afterwards on the evicted cache, so every answer token depends on "
             "what was kept (the stricter test; the kvpress / paper setting). **engine**: the "
@@ -439,21 +492,24 @@ def report_section(summary: dict, opts: dict, command: str, plot_name: str | Non
         b = row["acc"]["none"]
         out.append(f"| {TASK_NAMES[row['task']]} | {row['length']} | {row['n']} | no eviction | "
                    f"100% | {_pct(b)} | – | {_pct(b)} | – |")
-        for p in policies:
-            s = _setting(p)
-            c, e = row["acc"][f"context/{s}"], row["acc"][f"engine/{s}"]
-            out.append(f"| | | | {_label(p, base)} | ≈{p.num_kept(row['length']) / row['length']:.0%} | "
+        for st in settings:
+            c, e = row["acc"].get(f"context/{st.key}"), row["acc"].get(f"engine/{st.key}")
+            if c is None and e is None:
+                continue
+            out.append(f"| | | | {st.label(sink, window)} | "
+                       f"≈{st.kept_fraction(row['length'], n_layers):.0%} | "
                        f"{_pct(c)} | {_pts(c, b)} | {_pct(e)} | {_pts(e, b)} |")
-    out += ["", "### Targets (issue 9)", ""] + targets(summary, opts["sink"], opts["window"])
+    out += ["", "### Targets (issue 9)", ""] + targets(summary, sink, window)
     if plot_name:
         out += ["", f"![eviction quality]({plot_name})"]
     out += ["", "Per-item results are cached in `~/.cache/factorkv/eviction/results/eviction.json` "
-            "(keyed by task, settings and the checkpoint's fingerprint); a re-run only computes "
-            "what is missing and rewrites this section.", END]
+            "(keyed by task, item, setting and the checkpoint's fingerprint); a re-run only "
+            "computes what is missing and rewrites this section.", END]
     return "\n".join(out)
 
 
 def write_report(path: Path, section: str) -> None:
+    """Replace the text between the quality markers of ``path`` (create the file if needed)."""
     text = path.read_text() if path.exists() else \
         "# L2-norm KV eviction: results\n\n" + BEGIN + "\n" + END + "\n"
     if BEGIN in text and END in text:
@@ -484,8 +540,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keeps", type=_floats, default=[0.5, 0.25, 0.1])
     ap.add_argument("--sink", type=int, default=DEFAULT_SINK)
     ap.add_argument("--window", type=int, default=DEFAULT_WINDOW)
-    ap.add_argument("--extra", action="append", default=[], metavar="keep=F,sink=S,window=W",
-                    help="an extra policy row (repeatable), e.g. a variation of the window")
+    ap.add_argument("--extra", action="append", default=[], metavar="keep=F[,sink=S,window=W,skip=N]",
+                    help="an extra setting row (repeatable), e.g. another window, or skip=N: "
+                    "the first N layers are not evicted (a variation the engine does not have)")
+    ap.add_argument("--extra-tasks", type=lambda x: x.split(","), default=["all"],
+                    help="where --extra settings are computed: all, or a list of ppl, niah2048, "
+                    "passkey4096, ...")
     ap.add_argument("--ppl-windows", type=int, default=24)
     ap.add_argument("--ppl-ctx", type=int, default=2048)
     ap.add_argument("--lengths", type=_ints, default=[2048, 4096])
@@ -501,15 +561,14 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     cores = os.cpu_count() or 1
     torch.set_num_threads(a.threads or max(1, cores - int(os.getloadavg()[0] + 0.5)))
-    opts = {k: v for k, v in vars(a).items()}
-    opts["progress"] = not a.no_progress
+    opts = dict(vars(a), progress=not a.no_progress)
     command = "python -m model_patches.eviction_quality " + shlex.join(
         argv if argv is not None else sys.argv[1:])
     t0 = time.time()
     summary = compute(opts)
     out = Path(a.out)
-    policies = [EvictionPolicy(**p) for p in summary["policies"]]
-    png = plot(out.parent / PLOT, summary, policies, opts)
+    settings = [Setting.from_dict(d) for d in summary["settings"]]
+    png = plot(out.parent / PLOT, summary, settings, opts)
     minutes = (summary["ppl_meta"]["seconds"] + sum(r["seconds"] for r in summary["retrieval"])) / 60
     write_report(out, report_section(summary, opts, command.strip(), png and png.name, minutes))
     (Path(a.work) / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -139,3 +139,23 @@ def test_gpt2_reference_keep_one(tmp_path):
     assert torch.equal(ref(ids, evict=(EvictionPolicy(keep=1.0), 50)), plain)
     ev = ref(ids, evict=(EvictionPolicy(keep=0.5, sink=SINK, window=WINDOW), 50))
     assert torch.equal(ev[:50], plain[:50]) and (ev[50:] - plain[50:]).abs().max() > 1e-3
+
+
+def test_benchmark_skip_layers_variation(models):
+    """Setting(skip_layers=N): the first N layers keep their cache (per-layer cache lengths)."""
+    from model_patches.eviction_quality import Setting
+    policy = EvictionPolicy(keep=0.3, sink=SINK, window=WINDOW)
+    ids, n = _ids(140, 5), 100
+    lm = ThinLM.from_dir(models["full"]).eval()
+    cache: list = []
+    with torch.no_grad():
+        lm.hidden_states(torch.tensor([ids[:n]]), cache)
+    out = {}
+    for skip in (0, 1, 2):
+        ev = Setting(policy, skip).evict(cache)
+        assert [c[0].shape[2] for c in ev] == [n] * skip + [policy.num_kept(n)] * (2 - skip)
+        out[skip] = lm.logits(run_on_cache(lm, ev, ids[n:], pos0=n)[0])
+    plain = lm.logits(run_on_cache(lm, cache, ids[n:], pos0=n)[0])
+    assert (out[2] - plain).abs().max() < 1e-5          # every layer skipped: no eviction
+    assert (out[1] - plain).abs().max() > 1e-3 and (out[1] - out[0]).abs().max() > 1e-3
+    assert Setting.parse("keep=0.5,window=32,skip=2") == Setting(EvictionPolicy(0.5, 4, 32), 2)
