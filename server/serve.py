@@ -232,8 +232,17 @@ def _install_eviction(args: argparse.Namespace, cfg: dict, cpu: bool) -> None:
             raise CLIError(f"--kv-evict needs its own --{flag.replace('_', '-')}, got {given}")
         setattr(args, flag, value)
     extra = dict(args.additional_config or {})
-    extra[CONFIG_KEY] = {**policy.to_dict(), "stats_path": default_stats_path()}
+    stats_path = default_stats_path()
+    extra[CONFIG_KEY] = {**policy.to_dict(), "stats_path": stats_path}
     args.additional_config = extra
+    import atexit
+    import contextlib
+
+    def _remove_stats() -> None:
+        with contextlib.suppress(OSError):
+            os.remove(stats_path)
+
+    atexit.register(_remove_stats)
 
 
 def run(args: argparse.Namespace) -> int:
