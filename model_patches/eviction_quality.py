@@ -360,9 +360,11 @@ def compute(opts: dict, log=print) -> dict:
             _add_seconds(res, f"{base}/seconds", time.time() - t0)
         row = {"task": name, "length": length, "n": len(items), "acc": {},
                "seconds": res.get(f"{base}/seconds") or 0.0}
-        for k in keys:
-            row["acc"][k] = sum(correct(res.get(ikey(j, it, k)), it["answer"])
-                                for j, it in enumerate(items)) / len(items)
+        ok = {k: [correct(res.get(ikey(j, it, k)), it["answer"]) for j, it in enumerate(items)]
+              for k in keys}
+        row["acc"] = {k: sum(v) / len(items) for k, v in ok.items()}
+        row["flips"] = {k: [sum(a and not b for a, b in zip(ok["none"], v)),      # lost, gained
+                            sum(b and not a for a, b in zip(ok["none"], v))] for k, v in ok.items()}
         row["examples"] = [{"answer": it["answer"], **{k: res.get(ikey(j, it, k)) for k in keys[:3]}}
                            for j, it in enumerate(items[:3])]
         summary["retrieval"].append(row)
@@ -378,8 +380,10 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.0f}%"
 
 
-def _pts(x: float | None, base: float) -> str:
-    return "–" if x is None else f"{100 * (x - base):+.0f}"
+def _pts(x: float | None, base: float, flips: list[int] | None = None) -> str:
+    if x is None:
+        return "–"
+    return f"{100 * (x - base):+.0f}" + (f" (−{flips[0]}/+{flips[1]})" if flips else "")
 
 
 def targets(summary: dict, sink: int, window: int) -> list[str]:
@@ -403,6 +407,18 @@ def targets(summary: dict, sink: int, window: int) -> list[str]:
                 parts.append(f"{mode} mode {d:+.0f} points ({'met' if d >= -2 else 'missed'})")
             lines.append(f"- {TASK_NAMES[task]} {row['length']}, keep {keep:g} within 2 points "
                          f"(n = {row['n']}): " + "; ".join(parts))
+    main = sorted((Setting.from_dict(d) for d in summary["settings"]), key=lambda s: s.policy.keep)
+    main = [s for s in main
+            if s.skip_layers == 0 and (s.policy.sink, s.policy.window) == (sink, window)]
+    for row in summary["retrieval"]:
+        low = []
+        for mode in ("context", "engine"):
+            ok = [s.policy.keep for s in main
+                  if row["acc"].get(f"{mode}/{s.key}", -1) >= row["acc"]["none"] - 0.02]
+            low.append(f"{mode} mode {min(ok):g}" if ok else f"{mode} mode none of "
+                       f"{', '.join(f'{s.policy.keep:g}' for s in main)}")
+        lines.append(f"- {TASK_NAMES[row['task']]} {row['length']}: smallest keep within 2 "
+                     "points: " + "; ".join(low))
     return lines
 
 
@@ -485,7 +501,10 @@ def report_section(summary: dict, opts: dict, command: str, plot_name: str | Non
             "what was kept (the stricter test; the kvpress / paper setting). **engine**: the "
             "whole prompt, question included, is evicted after its prefill (what `factorkv "
             "serve --kv-evict` does to one request): the first answer token comes from the "
-            "prefill, only the following ones see the evicted cache.", "",
+            "prefill, only the following ones see the evicted cache. Δ: accuracy change in "
+            "points (prompts lost / gained against no eviction, same prompts); one prompt is "
+            f"{100 / max((r['n'] for r in summary['retrieval']), default=1):.0f} points, so a "
+            "2-point target is at the resolution of the sample.", "",
             "| task | length | n | setting | prompt KV kept | context mode | Δ (points) | "
             "engine mode | Δ (points) |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for row in summary["retrieval"]:
@@ -493,12 +512,14 @@ def report_section(summary: dict, opts: dict, command: str, plot_name: str | Non
         out.append(f"| {TASK_NAMES[row['task']]} | {row['length']} | {row['n']} | no eviction | "
                    f"100% | {_pct(b)} | – | {_pct(b)} | – |")
         for st in settings:
-            c, e = row["acc"].get(f"context/{st.key}"), row["acc"].get(f"engine/{st.key}")
+            kc, ke = f"context/{st.key}", f"engine/{st.key}"
+            c, e = row["acc"].get(kc), row["acc"].get(ke)
             if c is None and e is None:
                 continue
             out.append(f"| | | | {st.label(sink, window)} | "
                        f"≈{st.kept_fraction(row['length'], n_layers):.0%} | "
-                       f"{_pct(c)} | {_pts(c, b)} | {_pct(e)} | {_pts(e, b)} |")
+                       f"{_pct(c)} | {_pts(c, b, row['flips'].get(kc))} | "
+                       f"{_pct(e)} | {_pts(e, b, row['flips'].get(ke))} |")
     out += ["", "### Targets (issue 9)", ""] + targets(summary, sink, window)
     if plot_name:
         out += ["", f"![eviction quality]({plot_name})"]
