@@ -59,17 +59,27 @@ PLOT = "eviction-quality.png"
 
 
 # ---------------------------------------------------------------------------- eviction math
-def evict_cache(cache: list, policy: EvictionPolicy, skip_layers: int = 0) -> list:
+def evict_cache(cache: list, policy: EvictionPolicy, skip_layers: int = 0,
+                order: str = "low") -> list:
     """Compact a KV cache (per layer (k [B, H_kv, L, r], v [B, H_kv, L, D]), k after RoPE) to
     the positions ``policy.select(‖k‖₂)`` of each sequence, layer and KV head, in order. Every
     head keeps the same count, so the result is again a dense cache [B, H_kv, kept, ·].
-    ``skip_layers`` (a variation, not an engine option): the first N layers keep everything."""
+    Variations (not engine options), as controls: ``skip_layers``: the first N layers keep
+    everything; ``order``: 'low' (the policy: lowest norms kept), 'high' (highest norms kept),
+    'random' (uniform scores, seeded per layer: deterministic)."""
     out = []
     for i, (k, v) in enumerate(cache):
         if i < skip_layers:
             out.append((k, v))
             continue
-        sel = torch.stack([policy.select(kb.float().norm(dim=-1)) for kb in k])   # [B, H_kv, n]
+        scores = k.float().norm(dim=-1)                                       # [B, H_kv, L]
+        if order == "high":
+            scores = -scores
+        elif order == "random":
+            scores = torch.rand(scores.shape, generator=torch.Generator().manual_seed(i))
+        elif order != "low":
+            raise ValueError(f"order must be low, high or random, got {order!r}")
+        sel = torch.stack([policy.select(sb) for sb in scores])             # [B, H_kv, kept]
         out.append((k.gather(2, sel[..., None].expand(-1, -1, -1, k.shape[-1])),
                     v.gather(2, sel[..., None].expand(-1, -1, -1, v.shape[-1]))))
     return out
@@ -99,17 +109,20 @@ def greedy_on_cache(model: ThinLM, cache: list, pos0: int, first: int, max_new: 
 
 @dataclass(frozen=True)
 class Setting:
-    """One eviction setting of the benchmark: a policy, plus a variation the engine does not
-    implement, ``skip_layers`` (the first N layers keep their whole cache)."""
+    """One eviction setting of the benchmark: a policy, plus variations the engine does not
+    implement (controls): ``skip_layers`` (the first N layers keep their whole cache) and
+    ``order`` ('low' = the policy, 'random', 'high'; see evict_cache)."""
     policy: EvictionPolicy
     skip_layers: int = 0
+    order: str = "low"
 
     @property
     def key(self) -> str:
-        """Result key, e.g. 'keep0.5-s4-w64' or 'keep0.5-s4-w64-skip2'."""
+        """Result key, e.g. 'keep0.5-s4-w64', 'keep0.5-s4-w64-skip2', 'keep0.5-s4-w64-random'."""
         p = self.policy
         return f"keep{p.keep:g}-s{p.sink}-w{p.window}" + \
-            (f"-skip{self.skip_layers}" if self.skip_layers else "")
+            (f"-skip{self.skip_layers}" if self.skip_layers else "") + \
+            (f"-{self.order}" if self.order != "low" else "")
 
     def label(self, sink: int, window: int) -> str:
         p, extra = self.policy, []
@@ -117,6 +130,9 @@ class Setting:
             extra.append(f"sink {p.sink}, window {p.window}")
         if self.skip_layers:
             extra.append(f"layers 0-{self.skip_layers - 1} not evicted")
+        if self.order != "low":
+            extra.append({"random": "control: random tokens kept instead of lowest-norm",
+                          "high": "control: highest-norm tokens kept"}[self.order])
         return f"keep {p.keep:g}" + (f" ({'; '.join(extra)})" if extra else "")
 
     def kept_fraction(self, n: int, n_layers: int) -> float:
@@ -125,24 +141,31 @@ class Setting:
         return (self.skip_layers * n + (n_layers - self.skip_layers) * k) / (n_layers * n)
 
     def evict(self, cache: list) -> list:
-        return evict_cache(cache, self.policy, self.skip_layers) if self.policy.enabled else cache
+        if not self.policy.enabled:
+            return cache
+        return evict_cache(cache, self.policy, self.skip_layers, self.order)
 
     @classmethod
     def parse(cls, spec: str) -> "Setting":
-        """'keep=F[,sink=S][,window=W][,skip=N]'."""
+        """'keep=F[,sink=S][,window=W][,skip=N][,order=low|random|high]'."""
         parts = [x.strip() for x in spec.split(",") if x.strip()]
-        skip = [int(x.split("=", 1)[1]) for x in parts if x.startswith("skip=")]
-        return cls(EvictionPolicy.parse(",".join(x for x in parts if not x.startswith("skip="))),
-                   skip[-1] if skip else 0)
+        mine = {x.split("=", 1)[0]: x.split("=", 1)[1].strip() for x in parts
+                if x.startswith(("skip=", "order="))}
+        order = mine.get("order", "low")
+        if order not in ("low", "random", "high"):
+            raise ValueError(f"order must be low, random or high, got {order!r}")
+        policy = EvictionPolicy.parse(",".join(x for x in parts
+                                               if not x.startswith(("skip=", "order="))))
+        return cls(policy, int(mine.get("skip", 0)), order)
 
     def to_dict(self) -> dict:
-        return {**self.policy.to_dict(), "skip_layers": self.skip_layers}
+        return {**self.policy.to_dict(), "skip_layers": self.skip_layers, "order": self.order}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Setting":
         d = dict(d)
-        skip = d.pop("skip_layers", 0)
-        return cls(EvictionPolicy(**d), skip)
+        skip, order = d.pop("skip_layers", 0), d.pop("order", "low")
+        return cls(EvictionPolicy(**d), skip, order)
 
 
 def _key(setting: Setting | None) -> str:
@@ -409,7 +432,8 @@ def targets(summary: dict, sink: int, window: int) -> list[str]:
                          f"(n = {row['n']}): " + "; ".join(parts))
     main = sorted((Setting.from_dict(d) for d in summary["settings"]), key=lambda s: s.policy.keep)
     main = [s for s in main
-            if s.skip_layers == 0 and (s.policy.sink, s.policy.window) == (sink, window)]
+            if s.skip_layers == 0 and s.order == "low"
+            and (s.policy.sink, s.policy.window) == (sink, window)]
     for row in summary["retrieval"]:
         low = []
         for mode in ("context", "engine"):
@@ -429,7 +453,7 @@ def plot(path: Path, summary: dict, settings: list[Setting], opts: dict) -> Path
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    main = sorted((s for s in settings if s.skip_layers == 0 and
+    main = sorted((s for s in settings if s.skip_layers == 0 and s.order == "low" and
                    (s.policy.sink, s.policy.window) == (opts["sink"], opts["window"])),
                   key=lambda s: -s.policy.keep)
     xs = [1.0] + [s.policy.keep for s in main]
@@ -561,9 +585,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keeps", type=_floats, default=[0.5, 0.25, 0.1])
     ap.add_argument("--sink", type=int, default=DEFAULT_SINK)
     ap.add_argument("--window", type=int, default=DEFAULT_WINDOW)
-    ap.add_argument("--extra", action="append", default=[], metavar="keep=F[,sink=S,window=W,skip=N]",
-                    help="an extra setting row (repeatable), e.g. another window, or skip=N: "
-                    "the first N layers are not evicted (a variation the engine does not have)")
+    ap.add_argument("--extra", action="append", default=[],
+                    metavar="keep=F[,sink=S,window=W,skip=N,order=O]",
+                    help="an extra setting row (repeatable), e.g. another window; variations the "
+                    "engine does not have: skip=N (the first N layers are not evicted), "
+                    "order=random|high (controls: random or highest-norm tokens kept)")
     ap.add_argument("--extra-tasks", type=lambda x: x.split(","), default=["all"],
                     help="where --extra settings are computed: all, or a list of ppl, niah2048, "
                     "passkey4096, ...")

@@ -159,3 +159,8 @@ def test_benchmark_skip_layers_variation(models):
     assert (out[2] - plain).abs().max() < 1e-5          # every layer skipped: no eviction
     assert (out[1] - plain).abs().max() > 1e-3 and (out[1] - out[0]).abs().max() > 1e-3
     assert Setting.parse("keep=0.5,window=32,skip=2") == Setting(EvictionPolicy(0.5, 4, 32), 2)
+    assert Setting.parse("keep=0.5,order=random").key == "keep0.5-s4-w64-random"
+    ev_hi = Setting(policy, 0, "high").evict(cache)
+    norms_lo, norms_hi = (c[0][0].float().norm(dim=-1)[:, SINK:-WINDOW].mean() for c in
+                          (Setting(policy).evict(cache)[1], ev_hi[1]))
+    assert norms_lo < norms_hi
