@@ -66,11 +66,13 @@ BENCH_QUALITY_ARGS ?=
 bench-quality: $(STAMP)
 	$(BIN)/factorkv eval $(BENCH_QUALITY_ARGS)
 
-# bench-eviction-quality: L2-norm KV eviction (keep 0.5/0.25/0.1, sink 4, window 64) on the default
-# model: perplexity, needle in a haystack, passkey -> docs/results/eviction.md (quality section;
-# ~30-50 min on 2 cores; per-item results cached in ~/.cache/factorkv/eviction).
+# bench-eviction-quality: L2-norm KV eviction on the default model (keep 0.75/0.5/0.25/0.1, sink 4,
+# window 64; controls at keep 0.5: first 2 layers not evicted, random tokens kept): perplexity,
+# needle in a haystack, passkey -> docs/results/eviction.md (quality section) and
+# docs/results/eviction-quality.png. ~70 min of 1-thread compute on 2 shared cores; per-item results
+# are cached in ~/.cache/factorkv/eviction, so a re-run only computes what is missing.
 .PHONY: bench-eviction-quality
-BENCH_EVICTION_QUALITY_ARGS ?=
+BENCH_EVICTION_QUALITY_ARGS ?= --keeps 0.75,0.5,0.25,0.1 --extra keep=0.5,skip=2 --extra keep=0.5,order=random --extra-tasks ppl,niah2048
 bench-eviction-quality: $(STAMP)
 	$(BIN)/python -m model_patches.eviction_quality $(BENCH_EVICTION_QUALITY_ARGS)
 

@@ -1,11 +1,12 @@
 """Quality of L2-norm KV eviction on the default model (`make bench-eviction-quality`).
 
-    python -m model_patches.eviction_quality [--keeps 0.5,0.25,0.1] [--sink 4] [--window 64] ...
+    python -m model_patches.eviction_quality [--keeps 0.5,0.25,0.1] [--sink 4] [--window 64]
+        [--extra keep=0.5,skip=2] [--extra keep=0.5,order=random] [--extra-tasks ppl,niah2048]
 
 Eviction (engine/eviction/policy.py, the same as the engine and engine.reference): a prompt of
 L tokens is prefilled with full causal attention; then per layer and KV head only the keys
-``policy.select(‖k‖₂)`` (and their values) stay in the cache; later tokens attend to those plus
-every token after the prompt, at their logical RoPE positions. Here the cache is compacted
+``policy.select(‖k‖₂)`` (and their values) stay in the cache; later tokens attend to those
+plus every token after the prompt, at their logical RoPE positions. Here the cache is compacted
 literally (:func:`evict_cache`) and later tokens run on it (``ThinLM`` with ``pos0``);
 tests/test_eviction_reference.py checks this against ``engine.reference`` and transformers.
 
@@ -446,6 +447,28 @@ def targets(summary: dict, sink: int, window: int) -> list[str]:
     return lines
 
 
+def variations(summary: dict, settings: list[Setting], sink: int, window: int) -> list[str]:
+    """One line per --extra setting: its numbers next to the main policy's at the same keep."""
+    lines = []
+    for st in settings:
+        ref = Setting(EvictionPolicy(st.policy.keep, sink, window))
+        if st == ref or ref not in settings:
+            continue
+        ppl, parts = summary["ppl"], []
+        if st.key in ppl:
+            parts.append(f"perplexity {ppl[st.key] / ppl['none'] - 1:+.2%} (policy "
+                         f"{ppl[ref.key] / ppl['none'] - 1:+.2%})")
+        for row in summary["retrieval"]:
+            got = [row["acc"].get(f"{m}/{st.key}") for m in ("context", "engine")]
+            if None in got:
+                continue
+            want = [row["acc"][f"{m}/{ref.key}"] for m in ("context", "engine")]
+            parts.append(f"{row['task']} {row['length']} context {_pct(got[0])} (policy "
+                         f"{_pct(want[0])}), engine {_pct(got[1])} (policy {_pct(want[1])})")
+        lines.append(f"- {st.label(sink, window)}: " + "; ".join(parts))
+    return lines
+
+
 def plot(path: Path, summary: dict, settings: list[Setting], opts: dict) -> Path | None:
     try:
         import matplotlib
@@ -465,10 +488,10 @@ def plot(path: Path, summary: dict, settings: list[Setting], opts: dict) -> Path
               title=f"Perplexity, {summary['ppl_meta']['prompt']}-token evicted prompt")
     ax[0].invert_xaxis()
     ax[0].legend()
-    for row in summary["retrieval"]:
+    for n, row in enumerate(summary["retrieval"]):
         for mode, ls in (("context", "-"), ("engine", "--")):
             ys = [row["acc"]["none"]] + [row["acc"][f"{mode}/{s.key}"] for s in main]
-            ax[1].plot(xs, [100 * y for y in ys], "o" + ls,
+            ax[1].plot(xs, [100 * y for y in ys], "o" + ls, color=f"C{n}",
                        label=f"{row['task']} {row['length']} ({mode})")
     ax[1].set(xlabel="fraction of prompt KV kept", ylabel="exact match (%)", ylim=(-5, 105),
               title="Retrieval (greedy)")
@@ -545,6 +568,11 @@ def report_section(summary: dict, opts: dict, command: str, plot_name: str | Non
                        f"{_pct(c)} | {_pts(c, b, row['flips'].get(kc))} | "
                        f"{_pct(e)} | {_pts(e, b, row['flips'].get(ke))} |")
     out += ["", "### Targets (issue 9)", ""] + targets(summary, sink, window)
+    var = variations(summary, settings, sink, window)
+    if var:
+        out += ["", "### Variations and controls (keep fixed, against the policy)", "",
+                "Not engine options: measured to see whether the policy's choices matter here.",
+                ""] + var
     if plot_name:
         out += ["", f"![eviction quality]({plot_name})"]
     out += ["", "Per-item results are cached in `~/.cache/factorkv/eviction/results/eviction.json` "
