@@ -84,7 +84,8 @@ class EvictionPolicy:
     def num_kept(self, n: int) -> int:
         if not self.enabled or n <= self.sink + self.window:
             return n
-        return min(n, max(self.sink + self.window, math.ceil(self.keep * n)))
+        # -1e-9: keep * n is a float product; 0.55 * 100 must keep 55, not 56
+        return min(n, max(self.sink + self.window, math.ceil(self.keep * n - 1e-9)))
 
     def select(self, key_norms: torch.Tensor) -> torch.Tensor:
         """key_norms [H, n] -> kept positions [H, num_kept(n)] (int64, increasing per head)."""
