@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import threading
 import time
 
 import pytest
@@ -86,18 +85,25 @@ def test_counters_follow_the_policy(evict_server):
 
 
 def test_running_request_logical_vs_physical(evict_server):
+    """Polled between the chunks of a streaming request: the scheduler writes its stats in
+    the step that evicts, before the first token leaves the engine, so the request must
+    show while its stream is still open (no race with a fast machine)."""
+    import requests
+
     srv = evict_server
-    done = threading.Event()
-    threading.Thread(target=lambda: (_complete(srv, 600, max_tokens=300), done.set()),
-                     daemon=True).start()
-    seen = None
-    deadline = time.time() + 60
-    while time.time() < deadline and not done.is_set() and seen is None:
-        reqs = srv.get_json("/v1/kv-cache")["eviction"]["requests"]
-        if reqs:
-            seen = next(iter(reqs.values()))
-        time.sleep(0.05)
-    assert done.wait(120)
+    body = {"model": "tiny", "prompt": list(range(1000, 1600)), "max_tokens": 300,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+    seen, chunks = None, 0
+    with requests.post(srv.url("/v1/completions"), json=body, stream=True, timeout=120) as r:
+        assert r.status_code == 200, r.text
+        for line in r.iter_lines():
+            if not line.startswith(b"data: {"):
+                continue
+            chunks += 1
+            if seen is None:
+                reqs = srv.get_json("/v1/kv-cache")["eviction"]["requests"]
+                seen = next(iter(reqs.values()), None)
+    assert chunks > 1
     assert seen is not None, "the running request never showed in /v1/kv-cache"
     assert seen["logical_tokens"] - seen["physical_tokens"] == 600 - POLICY.num_kept(600)
     assert seen["physical_tokens"] >= POLICY.num_kept(600)
