@@ -9,7 +9,8 @@ layers are seen and compensated), n_l = norm(x_l):
 Only the thin query/key projections are trained (values, output projection, norms and MLPs
 keep the source's weights); the RoPE table of the thin dims stays the initialisation's.
 Then x_{l+1} = the student's full layer applied to x_l. Text: the calibration split of
-model_patches.wiki_data (disjoint from evaluation). After each layer the progress is saved
+model_patches.wiki_data (disjoint from evaluation), half of it as chat-template
+conversations (model_patches.calibration_data, ``chat_mix``). After each layer the progress is saved
 next to the destination (`.<dst>.calib/`), so an interrupted run resumes where it stopped.
 Runs on CUDA when available.
 """
@@ -27,10 +28,13 @@ import torch.nn.functional as F
 from engine.checkpoint import model_dims
 from engine.rotary import ThinRotaryEmbedding
 
-DEFAULTS = {"tokens": 64 * 256, "seq_len": 256, "steps": 150, "batch": 8, "lr": 2e-3}
+# chat_mix: fraction of calibration windows that are chat-template conversations
+# (model_patches.calibration_data); the rest is Wikipedia prose.
+DEFAULTS = {"tokens": 64 * 256, "seq_len": 256, "steps": 150, "batch": 8, "lr": 2e-3,
+            "chat_mix": 0.5}
 # Optional end-to-end pass after the layer-wise one (e2e_steps = 0: off).
 E2E_DEFAULTS = {"e2e_steps": 0, "e2e_seq_len": 256, "e2e_batch": 4, "e2e_lr": 1e-4,
-                "e2e_save_every": 10}
+                "e2e_save_every": 10, "e2e_chat_mix": 0.5}
 
 
 def _attn(q, k, v, n_heads, n_kv, r, d, scale, rope, pos):
@@ -115,8 +119,8 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from engine.checkpoint import FactoredKeysConfig
+    from model_patches.calibration_data import calibration_windows
     from model_patches.factored_checkpoint import source_inv_freq
-    from model_patches.wiki_data import token_stream
 
     e2e = {k: settings.pop(k) for k in list(settings) if k.startswith("e2e_")}
     # learn_freq: also train the thin pairs' rotary frequencies (lr = freq_lr); only part of
@@ -133,8 +137,7 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
         p.requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(str(src))
     seq = opts["seq_len"]
-    ids = torch.tensor(token_stream(tok, "calibration")[: opts["tokens"]])
-    ids = ids[: len(ids) // seq * seq].view(-1, seq).to(dev)
+    ids = calibration_windows(tok, seq, opts["tokens"] // seq, opts["chat_mix"]).to(dev)
     pos = torch.arange(seq, device=dev)
     src_rope = None
     if family == "llama":
@@ -229,7 +232,8 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
                     "weights": weights, "freqs": freqs if learn_freq else None},
                    work / "progress.pt")
     report = {"recipe": "sequential layer-wise attention-output matching, QK only",
-              "tokens": int(ids.numel()), "seq_len": seq, "steps_per_layer": opts["steps"],
+              "tokens": int(ids.numel()), "seq_len": seq, "chat_mix": opts["chat_mix"],
+              "steps_per_layer": opts["steps"],
               "batch": opts["batch"], "lr": opts["lr"], "device": str(dev),
               "seconds": round(time.time() - t0, 1), "layers": losses}
     if learn_freq:
@@ -251,6 +255,7 @@ def e2e_thin_qk(src: str | Path, cfg: dict, state: dict[str, torch.Tensor], bloc
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
+    from model_patches.calibration_data import calibration_windows
     from model_patches.evaluate import ThinLM, load_checkpoint
     from model_patches.wiki_data import token_stream
 
@@ -264,8 +269,8 @@ def e2e_thin_qk(src: str | Path, cfg: dict, state: dict[str, torch.Tensor], bloc
                      {**src_sd, **state}, trainable_qk=True)
     tok = AutoTokenizer.from_pretrained(str(src))
     seq, bsz, steps = opts["e2e_seq_len"], opts["e2e_batch"], opts["e2e_steps"]
-    stream = torch.tensor(token_stream(tok, "calibration"))
-    windows = stream[: len(stream) // seq * seq].view(-1, seq)
+    n_windows = len(token_stream(tok, "calibration")) // seq
+    windows = calibration_windows(tok, seq, n_windows, opts["e2e_chat_mix"])
     params = list(student.qk.parameters())
     opt = torch.optim.Adam(params, lr=opts["e2e_lr"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -310,6 +315,7 @@ def e2e_thin_qk(src: str | Path, cfg: dict, state: dict[str, torch.Tensor], bloc
     state = {**state, **student.thin_state()}
     report = {"recipe": "end-to-end KL(teacher || student), QK only", "steps": steps,
               "seq_len": seq, "batch": bsz, "lr": opts["e2e_lr"],
+              "chat_mix": opts["e2e_chat_mix"],
               "tokens_seen": steps * seq * bsz, "seconds": round(time.time() - t0, 1),
               "kl_first": hist[:5], "kl_last": hist[-5:]}
     return state, report

@@ -45,6 +45,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="calibration tokens for --calibrate")
     p.add_argument("--calib-steps", type=int, default=None, metavar="N",
                    help="optimizer steps per layer for --calibrate")
+    p.add_argument("--calib-batch", type=int, default=None, metavar="N",
+                   help="windows of 256 tokens per optimizer step for --calibrate (default 8)")
+    p.add_argument("--calib-chat-mix", type=float, default=None, metavar="F",
+                   help="fraction of calibration windows that are chat-template conversations "
+                        "built from the calibration articles (default 0.5; 0 = prose only)")
     p.add_argument("--learn-freq", action="store_true",
                    help="--calibrate also trains the thin pairs' rotary frequencies")
     p.add_argument("--e2e-steps", type=int, default=None, metavar="N",
@@ -63,7 +68,16 @@ def run(args: argparse.Namespace) -> int:
 
     from server.errors import CLIError
 
+    if args.calib_chat_mix is not None and not 0 <= args.calib_chat_mix <= 1:
+        raise CLIError(f"--calib-chat-mix must be in [0, 1], got {args.calib_chat_mix}")
+    for flag, v in (("--calib-batch", args.calib_batch), ("--calib-tokens", args.calib_tokens),
+                    ("--calib-steps", args.calib_steps)):
+        if v is not None and v < 1:
+            raise CLIError(f"{flag} must be at least 1, got {v}")
+    mix = args.calib_chat_mix
     calibration = {k: v for k, v in (("tokens", args.calib_tokens), ("steps", args.calib_steps),
+                                     ("batch", args.calib_batch), ("chat_mix", mix),
+                                     ("e2e_chat_mix", mix),
                                      ("e2e_steps", args.e2e_steps), ("e2e_lr", args.e2e_lr))
                    if v is not None}
     if args.learn_freq:
