@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.factorkv-installed-$(VLLM_EXTRA)
 
-.PHONY: install serve test prepare bench bench-concurrency bench-decode bench-eviction bench-quality clean-venv
+.PHONY: install serve test prepare bench bench-concurrency bench-decode bench-eviction bench-quality artifact clean-venv
 
 install: $(STAMP)
 
@@ -65,6 +65,13 @@ bench-decode: $(STAMP)
 BENCH_QUALITY_ARGS ?=
 bench-quality: $(STAMP)
 	$(BIN)/factorkv eval $(BENCH_QUALITY_ARGS)
+
+# artifact: re-calibrate the default model at key rank RANK (model_patches.default_variants.RECIPE,
+# ~30 min on 2 CPU cores) and rewrite model_patches/artifacts/SmolLM2-135M-Instruct-thin-r$(RANK).*,
+# the weights `make serve` builds its factored model from.
+RANK ?= 16
+artifact: $(STAMP)
+	$(BIN)/python -m model_patches.default_variants regenerate $(RANK)
 
 # bench-eviction-quality: L2-norm KV eviction on the default model (keep 0.75/0.5/0.25/0.1, sink 4,
 # window 64; controls at keep 0.5: first 2 layers not evicted, random tokens kept): perplexity,

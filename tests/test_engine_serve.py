@@ -21,7 +21,7 @@ def default_thin(default_model_dir, tmp_path_factory):
             "r16": write_rotary_pair_subset(default_model_dir, root / "thin-r16", 16)}
 
 
-def test_serve_full_rank_factored_checkpoint_answers_chat(default_thin, default_server):
+def test_serve_full_rank_factored_checkpoint_answers_chat(default_thin, original_server):
     with running_server("--model", str(default_thin["full"]), *DEFAULT_SERVER_ARGS) as srv:
         info = srv.get_json("/factorkv/info")
         assert info["architectures"] == ["FactoredLlamaForCausalLM"]
@@ -32,11 +32,11 @@ def test_serve_full_rank_factored_checkpoint_answers_chat(default_thin, default_
             messages=[{"role": "user", "content": "What is the capital of France?"}])
         assert "Paris" in chat.choices[0].message.content
         # r = D: same page size as the original model -> same capacity
-        base = default_server.get_json("/factorkv/info")["kv_cache"]
+        base = original_server.get_json("/factorkv/info")["kv_cache"]
         assert info["kv_cache"]["num_blocks"] == base["num_blocks"]
 
 
-def test_serve_thin_checkpoint_has_1_6x_capacity(default_thin, default_server):
+def test_serve_thin_checkpoint_has_1_6x_capacity(default_thin, original_server):
     with running_server("--model", str(default_thin["r16"]), *DEFAULT_SERVER_ARGS) as srv:
         client = srv.openai_client()
         model = client.models.list().data[0].id
@@ -46,7 +46,7 @@ def test_serve_thin_checkpoint_has_1_6x_capacity(default_thin, default_server):
         assert chat.choices[0].finish_reason in ("stop", "length")
         assert chat.usage.completion_tokens >= 1
         thin = srv.get_json("/factorkv/info")["kv_cache"]
-    base = default_server.get_json("/factorkv/info")["kv_cache"]
+    base = original_server.get_json("/factorkv/info")["kv_cache"]
     assert thin["memory_bytes"] == base["memory_bytes"]
     # 2D / (r + D) = 128 / 80 = 1.6, within one block
     assert abs(thin["num_blocks"] - base["num_blocks"] * 1.6) <= 1

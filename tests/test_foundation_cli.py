@@ -106,11 +106,16 @@ def test_top_level_help_lists_commands():
     assert "serve" in proc.stdout and "prepare" in proc.stdout
 
 
-def test_prepare_prints_model_dir(default_model_dir):
-    proc = run_cli("prepare", "--quiet",
-                   env={"FACTORKV_CACHE_DIR": str(default_model_dir.parent.parent)})
+def test_prepare_prints_model_dir(default_model_dir, default_variant_dir):
+    env = {"FACTORKV_CACHE_DIR": str(default_model_dir.parent.parent)}
+    proc = run_cli("prepare", "--quiet", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(default_variant_dir)      # what `factorkv serve` serves
+    proc = run_cli("prepare", "--quiet", "--variant", "original", env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(default_model_dir)
+    assert_one_line_error(run_cli("prepare", "--quiet", "--variant", "thin-r3", env=env),
+                          "thin-r3")
 
 
 # ---------------------------------------------------------------- sizes

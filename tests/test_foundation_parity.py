@@ -1,7 +1,10 @@
-"""vLLM (through `factorkv serve`) greedy tokens == Hugging Face transformers greedy tokens.
+"""vLLM (through `factorkv serve`) greedy tokens == a plain-torch reference of the same
+checkpoint: Hugging Face transformers for the original default model (``--variant
+original``), model_patches.evaluate.ThinLM for the calibrated factored build the README
+path serves.
 
-Both float32, the default model, three fixed prompts, 32 new tokens each (EOS ignored).
-The prompts go to the server as token ids, so tokenisation cannot differ.
+Both float32, three fixed prompts, 32 new tokens each (EOS ignored). The prompts go to the
+server as token ids, so tokenisation cannot differ.
 """
 
 from __future__ import annotations
@@ -44,7 +47,36 @@ def _hf_greedy(model, ids: list[int], n: int):
     return out, gaps
 
 
-def test_vllm_greedy_matches_transformers(default_server, default_model_dir):
+def _served_greedy(srv, ids):
+    r = srv.post("/v1/completions", {
+        "model": DEFAULT_SERVED_NAME, "prompt": ids, "max_tokens": NEW_TOKENS,
+        "temperature": 0, "ignore_eos": True, "return_token_ids": True}, timeout=300)
+    assert r.status_code == 200, r.text[:1000]
+    return r.json()["choices"][0]["token_ids"]
+
+
+def test_default_variant_greedy_matches_torch_reference(default_server, default_variant_dir):
+    import torch
+    from transformers import AutoTokenizer
+
+    from model_patches.evaluate import ThinLM, greedy
+
+    info = default_server.get_json("/factorkv/info")
+    assert info["architectures"] == ["FactoredLlamaForCausalLM"]
+    tok = AutoTokenizer.from_pretrained(default_variant_dir)
+    prompts = _prompts(tok)
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        futures = [pool.submit(_served_greedy, default_server, p) for p in prompts]
+        torch.set_num_threads(1)
+        model = ThinLM.from_dir(default_variant_dir).eval()
+        with torch.no_grad():
+            ref = [greedy(model, p, NEW_TOKENS) for p in prompts]
+        got = [f.result() for f in futures]
+    for i, (want, have) in enumerate(zip(ref, got)):
+        assert have == want, (f"prompt {i}: torch {tok.decode(want)!r}\nvLLM  {tok.decode(have)!r}")
+
+
+def test_vllm_greedy_matches_transformers(original_server, default_model_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -52,11 +84,7 @@ def test_vllm_greedy_matches_transformers(default_server, default_model_dir):
     prompts = _prompts(tok)
 
     def ask(ids):
-        r = default_server.post("/v1/completions", {
-            "model": DEFAULT_SERVED_NAME, "prompt": ids, "max_tokens": NEW_TOKENS,
-            "temperature": 0, "ignore_eos": True, "return_token_ids": True}, timeout=300)
-        assert r.status_code == 200, r.text[:1000]
-        return r.json()["choices"][0]["token_ids"]
+        return _served_greedy(original_server, ids)
 
     # The server decodes while transformers runs here (the engine worker has its own core).
     with ThreadPoolExecutor(len(prompts)) as pool:

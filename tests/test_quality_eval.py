@@ -224,3 +224,11 @@ def test_calibration_learned_freq_and_e2e_pass(default_model_dir, tmp_path):
     with torch.no_grad():
         diff = (E.ThinLM.from_dir(out)(ids)[0] - FactoredReference(out)(ids[0])).abs().max()
     assert diff < 1e-4 and not (tmp_path / ".e2e.calib").exists()
+
+
+def test_served_variant_names():
+    from model_patches.quality import parse_variant, variant_priority
+
+    assert parse_variant("served-r16") == {"served_rank": 16}
+    assert parse_variant("served-16") is None and parse_variant("served-r16-x") is None
+    assert variant_priority("served-r16") == 1
