@@ -18,7 +18,6 @@ Regenerate an artifact (the calibration with RECIPE, then the export) with
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from model_patches.default_model import (DefaultModelError, MODEL_NAME, _lock,
+from model_patches.default_model import (MODEL_NAME, DefaultModelError, _lock, _sha256,
                                          default_model_dir, prepare_default_model)
 
 ARTIFACT_DIR = Path(__file__).resolve().parent / "artifacts"
@@ -62,14 +61,6 @@ def variant_dir(variant: str, cache_dir=None) -> Path:
     if variant == ORIGINAL:
         return default_model_dir(cache_dir)
     return default_model_dir(cache_dir).with_name(f"{MODEL_NAME}-thin-r{_rank(variant)}-cal")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _thin_keys(state: dict) -> dict[str, torch.Tensor]:

@@ -156,13 +156,20 @@ def serve_parser():
     return sub
 
 
-def test_serve_defaults_on_cpu(serve_parser, default_model_dir, monkeypatch):
+def test_serve_defaults_on_cpu(serve_parser, default_model_dir, default_variant_dir, monkeypatch):
+    from server.errors import CLIError
     from server.serve import CPU_DEFAULT_KV_CACHE_BYTES, finalize_args
 
     monkeypatch.setenv("FACTORKV_CACHE_DIR", str(default_model_dir.parent.parent))
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     args = finalize_args(serve_parser.parse_args([]))
-    assert args.model == str(default_model_dir)
+    assert args.model == str(default_variant_dir)        # the calibrated factored build
+    original = finalize_args(serve_parser.parse_args(["--variant", "original"]))
+    assert original.model == str(default_model_dir)
+    assert original.served_model_name == ["SmolLM2-135M-Instruct"]
+    with pytest.raises(CLIError, match="--variant"):
+        finalize_args(serve_parser.parse_args(["--variant", "original", "--model",
+                                               str(default_model_dir)]))
     assert args.served_model_name == ["SmolLM2-135M-Instruct"]
     assert args.host == "127.0.0.1"
     assert args.dtype == "float32" and args.enforce_eager is True

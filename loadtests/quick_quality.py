@@ -1,0 +1,66 @@
+"""Quick quality probe of default-model checkpoints (minutes, not the full benchmark).
+
+    python -m loadtests.quick_quality original served-r16 /path/to/checkpoint [--windows 8]
+        [--passkey-n 10]
+
+Per checkpoint (``original``, ``served-rR`` = the build `factorkv serve --variant thin-rR`
+serves, or a directory): perplexity on the first ``windows`` × 512 held-out tokens
+(model_patches.wiki_data evaluation split), passkey accuracy at 2048 tokens on
+``passkey-n`` prompts, and greedy answers (24 tokens) to the 5 fixed chat prompts; plain
+torch (model_patches.evaluate), float32. One JSON line per checkpoint on stdout. The full,
+documented benchmark is `factorkv eval` (docs/results/quality.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def resolve(name: str) -> Path:
+    from model_patches.default_model import prepare_default_model
+    from model_patches.default_variants import prepare_variant
+
+    if name == "original":
+        return prepare_default_model(quiet=True)
+    if name.startswith("served-r") and name[8:].isdigit():
+        return prepare_variant(f"thin-r{name[8:]}", quiet=True)
+    return Path(name)
+
+
+def probe(path: Path, tok, windows: int, passkey_n: int) -> dict:
+    from model_patches.evaluate import (ThinLM, eval_windows, greedy_chat, passkey_accuracy,
+                                        passkey_prompts, perplexity)
+    from model_patches.wiki_data import token_stream
+
+    t0 = time.time()
+    model = ThinLM.from_dir(path).eval()
+    w = eval_windows(token_stream(tok, "evaluation"), 512, windows * 512)
+    out = {"ppl": round(perplexity(model, w)["ppl"], 3)}
+    if passkey_n:
+        out["passkey2k"] = passkey_accuracy(model, tok, passkey_prompts(tok, 2048, passkey_n))["accuracy"]
+    out["chat"] = [a["answer"] for a in greedy_chat(model, tok, max_new=24)]
+    out["seconds"] = round(time.time() - t0, 1)
+    return out
+
+
+def main() -> None:
+    from transformers import AutoTokenizer
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoints", nargs="+")
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--passkey-n", type=int, default=10)
+    a = ap.parse_args()
+    tok = None
+    for name in a.checkpoints:
+        path = resolve(name)
+        tok = tok or AutoTokenizer.from_pretrained(str(resolve("original")))
+        print(json.dumps({"checkpoint": name, **probe(path, tok, a.windows, a.passkey_n)}),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
