@@ -12,7 +12,7 @@ the thin weights into the prepared original and writes the checkpoint atomically
     $FACTORKV_CACHE_DIR/models/SmolLM2-135M-Instruct-thin-r<R>-cal
 
 with a marker recording the artifact's hash (a second call only reads the marker).
-Regenerate an artifact (the calibration with RECIPE, then the export) with
+Regenerate an artifact (the calibration with RECIPES[r], then the export) with
 ``make artifact RANK=16`` (= ``python -m model_patches.default_variants regenerate 16``).
 """
 
@@ -32,10 +32,12 @@ ARTIFACT_DIR = Path(__file__).resolve().parent / "artifacts"
 DEFAULT_VARIANT = "thin-r16"
 ORIGINAL = "original"
 MARKER = "factorkv-variant.json"
-# The calibration recipe of the shipped artifacts (model_patches.calibrate): layer-wise on
-# 256 windows of 256 tokens (half chat-formatted), 300 Adam steps of 16 windows per layer,
-# then 60 end-to-end KL steps. ~30 min on 2 CPU cores.
-RECIPE = {"tokens": 256 * 256, "steps": 300, "batch": 16, "e2e_steps": 60, "e2e_lr": 2e-4}
+# The calibration recipe of each shipped artifact (model_patches.calibrate settings).
+# r = 16: layer-wise on 256 windows of 256 tokens (half chat-formatted), 300 Adam steps of
+# 16 windows per layer, then 60 end-to-end KL steps (~30 min on 2 CPU cores).
+# r = 32: the converter's default `--calibrate` (64 windows, 150 steps of 8; ~6 min).
+RECIPES = {16: {"tokens": 256 * 256, "steps": 300, "batch": 16, "e2e_steps": 60, "e2e_lr": 2e-4},
+           32: {}}
 REGENERATE = "make artifact RANK={r}"
 
 
@@ -149,14 +151,15 @@ def prepare_variant(variant: str = DEFAULT_VARIANT, cache_dir=None, quiet: bool 
 
 
 def regenerate(rank: int, cache_dir=None, progress: bool = True) -> Path:
-    """Calibrate the default model at `rank` with RECIPE and export the artifact (resumable:
+    """Calibrate the default model at `rank` with RECIPES[rank] (the converter's defaults for
+    other ranks) and export the artifact (resumable:
     the calibration keeps its progress next to its work checkpoint in the cache)."""
     from model_patches.convert import convert
 
     src = prepare_default_model(cache_dir, quiet=not progress)
     work = src.parent / f".artifact-work-r{rank}"
-    convert(src, work, key_rank=rank, calibrate=True, calibration=dict(RECIPE), force=True,
-            progress=progress)
+    convert(src, work, key_rank=rank, calibrate=True, calibration=dict(RECIPES.get(rank, {})),
+            force=True, progress=progress)
     path = export_artifact(work)
     shutil.rmtree(work, ignore_errors=True)
     return path

@@ -6,7 +6,7 @@ import argparse
 
 HELP = "prepare the default model (SmolLM2-135M-Instruct) in the cache; prints its path"
 VARIANT_HELP = ("which build to prepare: thin-r16 (default: the calibrated factored-key model "
-                "`factorkv serve` serves), another shipped thin-r<R>, or original")
+                "`factorkv serve` serves), thin-r32, or original")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -94,8 +94,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--variant", default=None, metavar="NAME",
         help="without --model: which build of the embedded SmolLM2-135M-Instruct to serve: "
              "thin-r16 (default: calibrated factored keys, 75%% key-cache cut, built from the "
-             "artifact shipped in model_patches/artifacts), another shipped thin-r<R>, or "
-             "original (the unmodified model). See docs/methods.md.")
+             "artifact shipped in model_patches/artifacts), thin-r32 (50%% cut, closer to the "
+             "original's quality), or original (the unmodified model). See docs/methods.md.")
     from server.guards import add_arguments as add_guard_arguments
 
     add_guard_arguments(fkv)  # --max-queued-requests, --max-request-body-bytes, --protect-metrics

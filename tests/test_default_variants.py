@@ -25,7 +25,7 @@ def cache_with_original(default_model_dir, tmp_path):
 
 def test_variants_listed():
     assert dv.available_variants()[0] == dv.ORIGINAL
-    assert dv.DEFAULT_VARIANT in dv.available_variants()
+    assert dv.DEFAULT_VARIANT in dv.available_variants() and "thin-r32" in dv.available_variants()
     with pytest.raises(DefaultModelError, match="thin-r3"):
         dv.prepare_variant("thin-r3")
     with pytest.raises(DefaultModelError, match="unknown"):
