@@ -74,10 +74,10 @@ def run(args: argparse.Namespace) -> int:
     for v in variants + list(extra):
         if v in full:
             passkey_n[v] = args.passkey_n
-        elif v == "original" or v.startswith(("cal-", "merge-")) or v in extra:
+        elif v == "original" or v.startswith(("cal-", "merge-", "served-")) or v in extra:
             passkey_n[v] = args.passkey_n_other
     chat = [v for v in variants + list(extra) if v == "original"
-            or v.startswith(("cal-", "merge-")) or v in extra]
+            or v.startswith(("cal-", "merge-", "served-")) or v in extra]
     opts = {"variants": variants, "extra": extra, "contexts": args.contexts,
             "eval_tokens": args.eval_tokens, "passkey_lengths": args.passkey_lengths,
             "passkey_n": passkey_n, "chat": chat, "vllm_variant": args.vllm_variant or None,
