@@ -41,10 +41,16 @@ RECIPES = {16: {"tokens": 256 * 256, "steps": 300, "batch": 16, "e2e_steps": 60,
 REGENERATE = "make artifact RANK={r}"
 
 
-def _rank(variant: str) -> int:
-    if not variant.startswith("thin-r") or not variant[6:].isdigit():
+def check_variant(variant: str) -> None:
+    """Raise DefaultModelError (one line, listing the choices) unless `variant` ships here."""
+    if variant not in available_variants():
         raise DefaultModelError(f"unknown default-model variant {variant!r} "
                                 f"(choose from {', '.join(available_variants())})")
+
+
+def _rank(variant: str) -> int:
+    if not variant.startswith("thin-r") or not variant[6:].isdigit():
+        check_variant(variant)          # raises: not a thin-r<R> name
     return int(variant[6:])
 
 
@@ -103,20 +109,20 @@ def _is_built(out: Path, sha: str) -> bool:
 
 def prepare_variant(variant: str = DEFAULT_VARIANT, cache_dir=None, quiet: bool = False,
                     force: bool = False) -> Path:
-    """The directory of a default-model variant, built once (see the module docstring)."""
+    """The directory of a default-model variant, built once (see the module docstring);
+    ``force`` rebuilds it and the prepared original it comes from."""
     from safetensors.torch import load_file
 
     from engine.checkpoint import BLOCK, LLAMA_ARCH, validate_checkpoint_dir
     from model_patches.factored_checkpoint import write_checkpoint
 
-    src = prepare_default_model(cache_dir, quiet=quiet)
+    check_variant(variant)
+    src = prepare_default_model(cache_dir, force=force, quiet=quiet)
     if variant == ORIGINAL:
         return src
-    rank = _rank(variant)
-    weights, manifest_path = artifact_paths(rank)
-    if not manifest_path.exists() or not weights.exists():
-        raise DefaultModelError(f"no artifact for variant {variant!r} in {ARTIFACT_DIR} "
-                                f"(available: {', '.join(available_variants())})")
+    weights, manifest_path = artifact_paths(_rank(variant))
+    if not weights.exists():
+        raise DefaultModelError(f"{weights} is missing (its manifest is there)")
     manifest = json.loads(manifest_path.read_text())
     out = variant_dir(variant, cache_dir)
     if not force and _is_built(out, manifest["sha256"]):
@@ -152,8 +158,8 @@ def prepare_variant(variant: str = DEFAULT_VARIANT, cache_dir=None, quiet: bool 
 
 def regenerate(rank: int, cache_dir=None, progress: bool = True) -> Path:
     """Calibrate the default model at `rank` with RECIPES[rank] (the converter's defaults for
-    other ranks) and export the artifact (resumable:
-    the calibration keeps its progress next to its work checkpoint in the cache)."""
+    other ranks) and export the artifact. Resumable: the calibration keeps its progress next
+    to its work checkpoint in the cache."""
     from model_patches.convert import convert
 
     src = prepare_default_model(cache_dir, quiet=not progress)

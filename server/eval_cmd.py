@@ -70,14 +70,11 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"--variant {item!r}: expected NAME=PATH", code=2)
         extra[name] = path
     full = {v for v in args.passkey_full.split(",") if v}
-    passkey_n = {}
-    for v in variants + list(extra):
-        if v in full:
-            passkey_n[v] = args.passkey_n
-        elif v == "original" or v.startswith(("cal-", "merge-", "served-")) or v in extra:
-            passkey_n[v] = args.passkey_n_other
+    # chat and passkey for all but the training-free init-rR variants; passkey for --passkey-full
     chat = [v for v in variants + list(extra) if v == "original"
             or v.startswith(("cal-", "merge-", "served-")) or v in extra]
+    passkey_n = {v: args.passkey_n if v in full else args.passkey_n_other
+                 for v in variants + list(extra) if v in full or v in chat}
     opts = {"variants": variants, "extra": extra, "contexts": args.contexts,
             "eval_tokens": args.eval_tokens, "passkey_lengths": args.passkey_lengths,
             "passkey_n": passkey_n, "chat": chat, "vllm_variant": args.vllm_variant or None,

@@ -27,20 +27,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from model_patches.default_model import DefaultModelError, prepare_default_model
-    from model_patches.default_variants import DEFAULT_VARIANT, ORIGINAL, prepare_variant
+    from model_patches.default_model import DefaultModelError
+    from model_patches.default_variants import DEFAULT_VARIANT, check_variant, prepare_variant
 
     from server.errors import CLIError
 
-    from model_patches.default_variants import available_variants
-
     variant = args.variant or DEFAULT_VARIANT
-    if variant not in available_variants():
-        raise CLIError(f"--variant {variant!r}: choose from {', '.join(available_variants())}")
     try:
-        path = prepare_default_model(args.cache_dir, force=args.force, quiet=args.quiet)
-        if variant != ORIGINAL:
-            path = prepare_variant(variant, args.cache_dir, quiet=args.quiet, force=args.force)
+        check_variant(variant)
+    except DefaultModelError as e:
+        raise CLIError(f"--variant: {e}") from None
+    try:
+        path = prepare_variant(variant, args.cache_dir, quiet=args.quiet, force=args.force)
     except DefaultModelError as e:
         raise CLIError(str(e), code=1) from None
     except OSError as e:

@@ -130,10 +130,13 @@ def precheck(argv: list[str]) -> None:
     variant = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--variant"), None)
     variant = next((a.split("=", 1)[1] for a in argv if a.startswith("--variant=")), variant)
     if variant is not None:
-        from model_patches.default_variants import available_variants
+        from model_patches.default_model import DefaultModelError
+        from model_patches.default_variants import check_variant
 
-        if variant not in available_variants():
-            raise CLIError(f"--variant {variant!r}: choose from {', '.join(available_variants())}")
+        try:
+            check_variant(variant)
+        except DefaultModelError as e:
+            raise CLIError(f"--variant: {e}") from None
     if model is None:
         return
     from server.model_check import check_model_dir, resolve_model
