@@ -10,7 +10,8 @@ cache is the only limit. For each offered user count N, N simulated chat users e
 send ``--requests-per-user`` streaming requests back to back: a prompt of real text
 (gensim Wikipedia, a distinct window per request with a unique first line, so the
 prefix cache shares nothing) filling ``context − output_tokens`` tokens, and exactly
-``--output-tokens`` output tokens (``ignore_eos``). /metrics is sampled every 0.25 s.
+``--output-tokens`` output tokens (``ignore_eos``). /metrics is sampled every
+``--sample-period`` s (0.25).
 
 Recorded per (model, N): peak and mean concurrently running requests
 (``vllm:num_requests_running``), peak waiting, preemptions (``vllm:num_preemptions``
@@ -188,7 +189,8 @@ async def sample_metrics(session, url: str, samples: list[dict], stop: asyncio.E
 
 async def run_point(url: str, model: str, label: str, users: int, requests_per_user: int,
                     prompts: PromptSource, output_tokens: int, max_duration: float,
-                    request_timeout: float, api_key: str | None = None) -> PointResult:
+                    request_timeout: float, api_key: str | None = None,
+                    sample_period: float = 0.25) -> PointResult:
     """N users, each sending ``requests_per_user`` requests back to back."""
     import aiohttp
     from tqdm import tqdm
@@ -201,7 +203,7 @@ async def run_point(url: str, model: str, label: str, users: int, requests_per_u
     bar = tqdm(total=total, desc=f"{label} N={users}", unit="req", file=sys.stderr, leave=True)
     async with aiohttp.ClientSession(connector=conn) as session:
         before = await _fetch_metrics(session, url)
-        sampler = asyncio.create_task(sample_metrics(session, url, samples, stop))
+        sampler = asyncio.create_task(sample_metrics(session, url, samples, stop, sample_period))
         t0 = time.perf_counter()
 
         async def user() -> None:
@@ -272,7 +274,8 @@ def sweep(url: str, label: str, model_dir: Path, args, api_key: str | None = Non
     points = []
     for n in args.user_counts:
         pr = asyncio.run(run_point(url, served, label, n, args.requests_per_user, prompts,
-                                   args.output_tokens, args.max_duration, args.request_timeout, api_key))
+                                   args.output_tokens, args.max_duration, args.request_timeout, api_key,
+                                   args.sample_period))
         print(f"  {label} N={n}: peak running {pr.peak_running:.0f}, preemptions {pr.preemptions:.0f}, "
               f"{pr.output_tok_s:.1f} out tok/s, TTFT p50 {pr.ttft_p50 or 0:.1f}s, failed {pr.failed}",
               file=sys.stderr, flush=True)
@@ -429,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests-per-user", type=int, default=2)
     ap.add_argument("--max-duration", type=float, default=600, help="s per point; no new requests after")
     ap.add_argument("--request-timeout", type=float, default=900)
+    ap.add_argument("--sample-period", type=float, default=0.25, help="s between /metrics samples")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--url", help="drive this running server only (smoke test), e.g. http://127.0.0.1:8000")
     ap.add_argument("--api-key", default=None)

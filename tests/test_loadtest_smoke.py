@@ -18,7 +18,8 @@ def test_concurrency_tool_smoke(default_server, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "loadtests.concurrency", "--url", default_server.base_url,
          "--users", "1,3", "--requests-per-user", "1", "--context", "256",
-         "--output-tokens", "8", "--max-duration", "60", "--request-timeout", "120",
+         "--output-tokens", "48", "--sample-period", "0.05", "--max-duration", "60",
+         "--request-timeout", "120",
          "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -27,10 +28,10 @@ def test_concurrency_tool_smoke(default_server, tmp_path):
     assert [p["users"] for p in run["points"]] == [1, 3]
     for p in run["points"]:
         assert p["failed"] == 0 and p["requests"] == p["users"]
-        assert p["output_tokens"] == 8 * p["users"] and p["output_tok_s"] > 0
+        assert p["output_tokens"] == 48 * p["users"] and p["output_tok_s"] > 0
         assert p["ttft_p50"] > 0 and p["tpot_p50"] > 0
-        assert 100 < p["mean_prompt_tokens"] <= 256 - 8
-    assert run["points"][1]["peak_running"] >= 1     # sampled every 0.25 s while 3 requests run
+        assert 100 < p["mean_prompt_tokens"] <= 256 - 48
+    assert run["points"][1]["peak_running"] >= 1     # sampled every 0.05 s while 3 requests decode 48 tokens
     assert run["kv"]["capacity_tokens"] > 0
     report = (out / "concurrency.md").read_text()
     assert "| server | 3 | 3 | 0 |" in report
