@@ -248,10 +248,28 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
 def e2e_thin_qk(src: str | Path, cfg: dict, state: dict[str, torch.Tensor], block: dict,
                 dst: str | Path, progress: bool = True, **settings
                 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """End-to-end QK-only distillation (Llama family): minimise KL(teacher || student) of the
-    next-token distributions on calibration windows; only the thin q/k weights are trained,
-    the teacher is the source model. Progress is saved every `e2e_save_every` steps next to
-    the destination and a re-run with the same settings resumes."""
+    """End-to-end QK-only distillation (Llama family) of a factored student: e2e_distill with
+    only the thin q/k weights trained."""
+    from model_patches.evaluate import load_checkpoint
+    student_cfg = {**cfg, "factored_keys": block, "architectures": ["FactoredLlamaForCausalLM"]}
+    _, src_sd = load_checkpoint(src)
+    fp_block = {k: v for k, v in block.items() if k != "calibration"}
+    trained, report = e2e_distill(src, student_cfg, {**src_sd, **state}, ("q_proj", "k_proj"),
+                                  dst, fp_block, "end-to-end thin q/k", progress, **settings)
+    report["recipe"] = "end-to-end KL(teacher || student), QK only"
+    return {**state, **trained}, report
+
+
+def e2e_distill(src: str | Path, student_cfg: dict, student_state: dict[str, torch.Tensor],
+                trainable: tuple[str, ...], dst: str | Path, fingerprint_of: object,
+                desc: str, progress: bool = True, **settings
+                ) -> tuple[dict[str, torch.Tensor], dict]:
+    """End-to-end distillation (Llama family): minimise KL(teacher || student) of the
+    next-token distributions on calibration windows (half chat, ``e2e_chat_mix``), training
+    only the attention projections named in `trainable` (model_patches.evaluate.ThinLM); the
+    teacher is the source model. Progress is saved every `e2e_save_every` steps next to the
+    destination and a re-run with the same student, settings and `fingerprint_of` resumes.
+    Returns (the trained weights as checkpoint tensors, a JSON-able report)."""
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
@@ -259,27 +277,26 @@ def e2e_thin_qk(src: str | Path, cfg: dict, state: dict[str, torch.Tensor], bloc
     from model_patches.evaluate import ThinLM, load_checkpoint
     from model_patches.wiki_data import token_stream
 
-    opts = {**E2E_DEFAULTS, **settings}
+    opts = {k: v for k, v in {**E2E_DEFAULTS, **settings}.items() if k.startswith("e2e_")}
     src, dst = Path(src), Path(dst)
     if torch.cuda.is_available():
         raise NotImplementedError("the end-to-end pass runs on CPU only for now")
     src_cfg, src_sd = load_checkpoint(src)
     teacher = ThinLM(src_cfg, src_sd).eval()
-    student = ThinLM({**cfg, "factored_keys": block, "architectures": ["FactoredLlamaForCausalLM"]},
-                     {**src_sd, **state}, trainable_qk=True)
+    student = ThinLM(student_cfg, student_state, trainable=trainable)
     tok = AutoTokenizer.from_pretrained(str(src))
     seq, bsz, steps = opts["e2e_seq_len"], opts["e2e_batch"], opts["e2e_steps"]
     n_windows = len(token_stream(tok, "calibration")) // seq
     windows = calibration_windows(tok, seq, n_windows, opts["e2e_chat_mix"])
-    params = list(student.qk.parameters())
+    params = list(student.trained.parameters())
     opt = torch.optim.Adam(params, lr=opts["e2e_lr"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     work = dst.parent / f".{dst.name}.calib"
     work.mkdir(parents=True, exist_ok=True)
-    fp = _fingerprint(src, {k: v for k, v in block.items() if k != "calibration"},
+    fp = _fingerprint(src, fingerprint_of,
                       {**opts, "init": hashlib.sha256(b"".join(
-                          state[k].numpy().tobytes()[:4096] for k in sorted(state)
-                          if k.endswith(("q_proj.weight", "k_proj.weight")))).hexdigest()})
+                          student_state[k].numpy().tobytes()[:4096] for k in sorted(student_state)
+                          if k.endswith(tuple(f"{n}.weight" for n in trainable)))).hexdigest()})
     start, hist = 0, []
     if (work / "e2e.pt").exists():
         saved = torch.load(work / "e2e.pt")
@@ -293,7 +310,7 @@ def e2e_thin_qk(src: str | Path, cfg: dict, state: dict[str, torch.Tensor], bloc
     gen = torch.Generator().manual_seed(1234)
     order = torch.randperm(len(windows), generator=gen)
     t0 = time.time()
-    bar = tqdm(range(start, steps), desc="end-to-end thin q/k", unit="step",
+    bar = tqdm(range(start, steps), desc=desc, unit="step",
                disable=not progress, initial=start, total=steps)
     for step in bar:
         idx = order[(torch.arange(bsz) + step * bsz) % len(windows)]
@@ -312,13 +329,12 @@ def e2e_thin_qk(src: str | Path, cfg: dict, state: dict[str, torch.Tensor], bloc
             torch.save({"fingerprint": fp, "step": step + 1, "losses": hist,
                         "params": [p.detach().clone() for p in params],
                         "opt": opt.state_dict(), "sched": sched.state_dict()}, work / "e2e.pt")
-    state = {**state, **student.thin_state()}
-    report = {"recipe": "end-to-end KL(teacher || student), QK only", "steps": steps,
-              "seq_len": seq, "batch": bsz, "lr": opts["e2e_lr"],
+    report = {"recipe": f"end-to-end KL(teacher || student), {'/'.join(trainable)}",
+              "steps": steps, "seq_len": seq, "batch": bsz, "lr": opts["e2e_lr"],
               "chat_mix": opts["e2e_chat_mix"],
               "tokens_seen": steps * seq * bsz, "seconds": round(time.time() - t0, 1),
               "kl_first": hist[:5], "kl_last": hist[-5:]}
-    return state, report
+    return student.trained_state(), report
 
 
 def cleanup(dst: str | Path) -> None:
@@ -352,7 +368,8 @@ def e2e_checkpoint(src: str | Path, ckpt: str | Path, dst: str | Path, progress:
 
 
 def recover_merged(src: str | Path, cfg: dict, state: dict[str, torch.Tensor],
-                   progress: bool = True, **settings) -> tuple[dict[str, torch.Tensor], dict]:
+                   dst: str | Path, progress: bool = True, **settings
+                   ) -> tuple[dict[str, torch.Tensor], dict]:
     """Recovery of a KV-head-merged Llama-family model (model_patches.head_merge): sequential
     layer-wise attention-output matching, as calibrate_thin_qk but every attention weight of
     the merged layer is trained (q/k/v/o and their biases; norms and MLPs are the source's).
@@ -362,7 +379,10 @@ def recover_merged(src: str | Path, cfg: dict, state: dict[str, torch.Tensor],
 
         min ‖W_o' Attn_N(W_q' n_l, W_k' n_l, W_v' n_l) − W_o Attn_src(W_q n_l, W_k n_l, W_v n_l)‖²
 
-    Returns (state with the trained attention weights, a JSON-able report). Not resumable.
+    With ``e2e_steps`` > 0, an end-to-end KL pass (e2e_distill) over the q/k/v/o weights of
+    every layer follows (the biases stay as the layer-wise stage left them); it saves its
+    progress next to `dst` and resumes. Returns (state with the trained attention weights, a
+    JSON-able report). The layer-wise stage is not resumable.
     """
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -436,4 +456,13 @@ def recover_merged(src: str | Path, cfg: dict, state: dict[str, torch.Tensor],
               "tokens": int(ids.numel()), "seq_len": seq, "steps_per_layer": opts["steps"],
               "batch": opts["batch"], "lr": opts["lr"], "device": str(dev),
               "seconds": round(time.time() - t0, 1), "layers": losses}
+    if opts.get("e2e_steps", 0) > 0:
+        from engine.reference import load_state_dict
+        del model, x, n, target
+        full = {**load_state_dict(src), **state}
+        trained, report["e2e"] = e2e_distill(
+            src, cfg, full, ("q_proj", "k_proj", "v_proj", "o_proj"), dst,
+            {"kv_head_merge": cfg.get("kv_head_merge"), "layerwise": report["layers"]},
+            "end-to-end merged attention", progress, **settings)
+        state = {**state, **trained}
     return state, report

@@ -47,9 +47,12 @@ class ThinLM(torch.nn.Module):
     """Llama-family causal LM with (possibly) thin keys; batched, with an optional KV cache.
 
     ``ThinLM(cfg, state)``: cfg is the checkpoint's config.json (a factored one, or an original
-    Llama/Mistral/Qwen2 one = full rank); state its tensors (shared, not copied)."""
+    Llama/Mistral/Qwen2 one = full rank); state its tensors (shared, not copied).
+    ``trainable``: attention projections whose weights become trainable parameters (e.g.
+    ("q_proj", "k_proj") for the thin q/k; all four for a merged model's recovery)."""
 
-    def __init__(self, cfg: dict, state: dict[str, torch.Tensor], trainable_qk: bool = False):
+    def __init__(self, cfg: dict, state: dict[str, torch.Tensor],
+                 trainable: tuple[str, ...] = ()):
         super().__init__()
         arch = (cfg.get("architectures") or [""])[0]
         if "GPT2" in arch:
@@ -69,11 +72,10 @@ class ThinLM(torch.nn.Module):
         self.eps = cfg.get("rms_norm_eps", 1e-6)
         self.w = state
         p = "model.layers.{}.self_attn"
-        self.qk = torch.nn.ParameterList()
-        for i in range(self.n_layers):
-            for n in ("q_proj", "k_proj"):
-                self.qk.append(torch.nn.Parameter(state[f"{p.format(i)}.{n}.weight"].float(),
-                                                  requires_grad=trainable_qk))
+        self.trainable = tuple(trainable)
+        self.trained = torch.nn.ParameterList(
+            torch.nn.Parameter(state[f"{p.format(i)}.{n}.weight"].float())
+            for i in range(self.n_layers) for n in self.trainable)
         self.qb = [state.get(f"{p.format(i)}.q_proj.bias") for i in range(self.n_layers)]
         self.kb = [state.get(f"{p.format(i)}.k_proj.bias") for i in range(self.n_layers)]
         self.head = state.get("lm_head.weight", state["model.embed_tokens.weight"])
@@ -81,18 +83,20 @@ class ThinLM(torch.nn.Module):
         self.act = ACT2FN[cfg.get("hidden_act", "silu")]
 
     @classmethod
-    def from_dir(cls, path: str | Path, trainable_qk: bool = False) -> "ThinLM":
+    def from_dir(cls, path: str | Path) -> "ThinLM":
         cfg, state = load_checkpoint(path)
-        return cls(cfg, state, trainable_qk)
+        return cls(cfg, state)
 
-    def thin_state(self) -> dict[str, torch.Tensor]:
-        """The (possibly trained) thin q/k weights, as checkpoint tensors."""
-        out = {}
-        for i in range(self.n_layers):
-            p = f"model.layers.{i}.self_attn"
-            out[f"{p}.q_proj.weight"] = self.qk[2 * i].detach().clone()
-            out[f"{p}.k_proj.weight"] = self.qk[2 * i + 1].detach().clone()
-        return out
+    def _proj(self, i: int, name: str) -> torch.Tensor:
+        """Layer i's attention projection weight (the trainable copy if there is one)."""
+        if name in self.trainable:
+            return self.trained[i * len(self.trainable) + self.trainable.index(name)]
+        return self.w[f"model.layers.{i}.self_attn.{name}.weight"]
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """The trainable projection weights, as checkpoint tensors."""
+        return {f"model.layers.{i}.self_attn.{n}.weight": self._proj(i, n).detach().clone()
+                for i in range(self.n_layers) for n in self.trainable}
 
     def _rms(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return self.w[name] * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
@@ -113,10 +117,9 @@ class ThinLM(torch.nn.Module):
         for i in range(self.n_layers):
             p, r = f"model.layers.{i}", self.ranks[i]
             n = self._rms(x, f"{p}.input_layernorm.weight")
-            q = F.linear(n, self.qk[2 * i], self.qb[i])
-            k = F.linear(n, self.qk[2 * i + 1], self.kb[i])
-            v = F.linear(n, self.w[f"{p}.self_attn.v_proj.weight"],
-                         self.w.get(f"{p}.self_attn.v_proj.bias"))
+            q = F.linear(n, self._proj(i, "q_proj"), self.qb[i])
+            k = F.linear(n, self._proj(i, "k_proj"), self.kb[i])
+            v = F.linear(n, self._proj(i, "v_proj"), self.w.get(f"{p}.self_attn.v_proj.bias"))
             q, k = self.rope[i](pos.repeat(b), q.reshape(b * t, -1), k.reshape(b * t, -1))
             q = q.view(b, t, self.h, r).transpose(1, 2)
             k = k.view(b, t, self.h_kv, r).transpose(1, 2)
@@ -136,7 +139,7 @@ class ThinLM(torch.nn.Module):
                                                is_causal=mask is None and t > 1,
                                                scale=self.scale, enable_gqa=self.h != self.h_kv)
             x = x + F.linear(o.transpose(1, 2).reshape(b, t, self.h * self.d),
-                             self.w[f"{p}.self_attn.o_proj.weight"])
+                             self._proj(i, "o_proj"), self.w.get(f"{p}.self_attn.o_proj.bias"))
             n = self._rms(x, f"{p}.post_attention_layernorm.weight")
             m = self.act(F.linear(n, self.w[f"{p}.mlp.gate_proj.weight"])) * \
                 F.linear(n, self.w[f"{p}.mlp.up_proj.weight"])

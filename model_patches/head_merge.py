@@ -313,9 +313,12 @@ def merge_kv_heads(src: str | Path, dst: str | Path, kv_heads: int, *,
                                 "source_model": cfg.get("_name_or_path") or src.name}
     if recover is not None:
         from model_patches.calibrate import recover_merged
-        state, report = recover_merged(src, new_cfg, state, progress=progress, **recover)
+        state, report = recover_merged(src, new_cfg, state, dst, progress=progress, **recover)
         new_cfg["kv_head_merge"]["recovery"] = report
     write_checkpoint(src, dst, new_cfg, state, force=force, validate=check_gqa_dir)
+    if recover is not None:
+        from model_patches.calibrate import cleanup
+        cleanup(dst)                      # the end-to-end pass's saved progress
     return MergeSummary(dst, (model_dims(cfg)[2], kv_heads),
                         merge_keys + (" + recovery" if recover is not None else ""),
                         _fp16_kv_bytes(new_cfg), _fp16_kv_bytes(cfg))

@@ -9,7 +9,8 @@ Variants (checkpoints under ``<work>/models/``, built on first use with the conv
   merge-kvN     `factorkv convert SRC DST --kv-heads N`               (KV head merging, GQA)
   merge-kvN-real                 ... `--merge-keys real` (non-RoPE-commuting key merge)
   merge-kvN-rec                  ... `--recover` (merged attention trained against the source)
-  merge-kvN[-real][-rec]-rR, ...-cal-rR    merged, then factored (and calibrated)
+  merge-kvN-recS                 ... `--recover --e2e-steps S` (then S end-to-end KL steps)
+  merge-kvN[-real][-rec[S]]-rR, ...-cal-rR    merged, then factored (and calibrated)
   NAME=PATH     any other checkpoint, factored or not (``--variant``)
 
 Metrics (model_patches.evaluate, plain batched torch, float32), cached per variant in
@@ -42,14 +43,15 @@ DEFAULT_VARIANTS = ("original", "init-r32", "cal-r32", "init-r16", "cal-r16", "s
                     "init-r8", "cal-r8",
                     "merge-kv1", "merge-kv1-real", "merge-kv1-r32", "merge-kv1-rec")
 PARETO_PNG = "quality-pareto.png"
-VARIANT_NAMES = ("original, init-rR, cal-rR, served-rR, merge-kvN[-real][-rec][-rR|-cal-rR], "
+VARIANT_NAMES = ("original, init-rR, cal-rR, served-rR, merge-kvN[-real][-rec[S]][-rR|-cal-rR], "
                  "or NAME=PATH")
 
 
 def parse_variant(name: str) -> dict | None:
     """The convert() arguments of a built-in variant name ({} for original), None if the name
-    is not one: init-rR, cal-rR, merge-kvN[-real][-rec], merge-kvN[-real][-rec]-rR,
-    merge-kvN[-real][-rec]-cal-rR (real: --merge-keys real, rec: --recover)."""
+    is not one: init-rR, cal-rR, merge-kvN[-real][-rec[S]], merge-kvN[-real][-rec[S]]-rR,
+    merge-kvN[-real][-rec[S]]-cal-rR (real: --merge-keys real, rec: --recover, recS:
+    --recover --e2e-steps S)."""
     if name == "original":
         return {}
     parts, out = name.split("-"), {}
@@ -60,8 +62,10 @@ def parse_variant(name: str) -> dict | None:
         parts = parts[2:]
         if parts[:1] == ["real"]:
             out["merge_keys"], parts = "real", parts[1:]
-        if parts[:1] == ["rec"]:                # --recover with its default settings
-            out["recover"], parts = {}, parts[1:]
+        steps = parts[0][3:] if parts and parts[0].startswith("rec") else None
+        if steps == "" or (steps or "").isdigit():
+            # rec: --recover with its default settings; recS: then S end-to-end steps
+            out["recover"], parts = ({"e2e_steps": int(steps)} if steps else {}), parts[1:]
         if not parts:
             return out
         if parts[0] in ("init", "cal"):         # merge-kv1-cal-r32 (merge-kv1-init-r32 = -r32)

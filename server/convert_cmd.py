@@ -35,7 +35,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "with RoPE)")
     p.add_argument("--recover", action="store_true",
                    help="after --kv-heads merging, train the merged attention (q/k/v/o) layer by "
-                        "layer to match SRC's attention outputs (uses --calib-tokens/--calib-steps)")
+                        "layer to match SRC's attention outputs (uses --calib-tokens/--calib-steps), "
+                        "then with --e2e-steps end to end against SRC's next-token distributions")
     p.add_argument("--init", choices=METHODS, default="partial-rope",
                    help="initialisation (default: partial-rope; see docs/methods.md)")
     p.add_argument("--calibrate", action="store_true", help="QK-only calibration against SRC")
@@ -54,7 +55,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="--calibrate also trains the thin pairs' rotary frequencies")
     p.add_argument("--e2e-steps", type=int, default=None, metavar="N",
                    help="after the layer-wise calibration, N end-to-end KL steps over thin q/k "
-                        "(4 x 256 tokens each; ~7 s per step on 2 CPU cores for the default model)")
+                        "(with --recover: over the merged q/k/v/o) (4 x 256 tokens each; ~7 s per "
+                        "step on 2 CPU cores for the default model)")
     p.add_argument("--e2e-lr", type=float, default=None, metavar="LR",
                    help="learning rate of the end-to-end pass (default 1e-4)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
@@ -84,13 +86,14 @@ def run(args: argparse.Namespace) -> int:
         calibration["learn_freq"] = True
     recover = None
     if args.recover:
-        recover = {k: v for k, v in (("tokens", args.calib_tokens), ("steps", args.calib_steps))
+        recover = {k: v for k, v in (("tokens", args.calib_tokens), ("steps", args.calib_steps),
+                                     ("e2e_steps", args.e2e_steps), ("e2e_lr", args.e2e_lr))
                    if v is not None}
         if not args.calibrate:
             calibration = {k: v for k, v in calibration.items() if k not in recover}
     if calibration and not args.calibrate:
         raise CLIError("--calib-*, --learn-freq and --e2e-* need --calibrate"
-                       + (" (--recover takes only --calib-tokens/--calib-steps)"
+                       + (" (--recover takes only --calib-tokens/--calib-steps/--e2e-*)"
                           if args.recover else ""), code=2)
     try:
         summary = convert(args.src, args.dst, key_rank=args.key_rank,

@@ -23,14 +23,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "eval", help=HELP,
         description="Perplexity on held-out Wikipedia text, passkey retrieval and greedy chat "
                     "answers of the default model and its factored variants (init-rR: converted, "
-                    "cal-rR: converted with --calibrate; merge-kvN[-real][-rec][-rR|-cal-rR]: KV "
-                    "heads merged into N (real: --merge-keys real, rec: --recover), then "
+                    "cal-rR: converted with --calibrate; merge-kvN[-real][-rec[S]][-rR|-cal-rR]: KV "
+                    "heads merged into N (real: --merge-keys real, rec: --recover, recS: with "
+                    "S end-to-end steps), then "
                     "optionally factored; built on first use), plus one row "
                     "recomputed through the vLLM engine. Results are cached per variant; the "
                     "report goes to --out. See docs/results/quality.md.")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help="comma-separated: original, init-rR, cal-rR, "
-                        "merge-kvN[-real][-rec][-rR|-cal-rR] (default: %(default)s)")
+                        "merge-kvN[-real][-rec[S]][-rR|-cal-rR] (default: %(default)s)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=PATH",
                    help="also evaluate this checkpoint, factored or not (repeatable)")
     p.add_argument("--contexts", type=_ints, default=[512, 2048], help="PPL contexts")
