@@ -148,6 +148,12 @@ def resolve_variant(name: str, root: Path, src: Path, extra: dict[str, Path],
     path = root / "models" / name
     if not (path / "config.json").exists():
         from model_patches.convert import convert
+        if "kv_heads" in spec and "key_rank" in spec:
+            # merged, then factored: factor the merged variant (built on first use and cached),
+            # which is what `convert --kv-heads N --key-rank R` does in a temp dir
+            merged = _merged_name(spec)
+            src = resolve_variant(merged, root, src, extra, progress)
+            spec = {k: v for k, v in spec.items() if k in ("key_rank", "calibrate")}
         t0 = time.time()
         flags = "".join(f" --{k.replace('_', '-')}" + ("" if v is True or v == {} else f" {v}")
                         for k, v in spec.items() if v is not False)
@@ -226,6 +232,13 @@ def evaluate_variant(name: str, ckpt: Path, root: Path, tok, opts: dict, log=pri
     return res.metrics
 
 
+def _merged_name(spec: dict) -> str:
+    """The merge-only variant a merged-then-factored spec starts from (merge-kvN[-real][-recS])."""
+    rec = spec.get("recover")
+    return (f"merge-kv{spec['kv_heads']}" + ("-real" if spec.get("merge_keys") == "real" else "")
+            + ("" if rec is None else f"-rec{rec.get('e2e_steps', '')}"))
+
+
 def _cut(rank: int | None, d: int = 64) -> str:
     return "0%" if rank is None else f"{1 - rank / d:.1%}".replace(".0%", "%")
 
@@ -239,6 +252,11 @@ def _ckpt_info(ckpt: Path) -> dict:
     cal = fk.get("calibration") or {}
     merge = fk.get("kv_head_merge") or cfg.get("kv_head_merge")
     method = fk.get("method") or (f"kv-merge-{merge['merge_keys']}" if merge else "original")
+    rec = (merge or {}).get("recovery")
+    if rec:                               # kv-merge-complex+recovery[+e2e][+partial-rope...]
+        tag = "+recovery" + ("+e2e" if rec.get("e2e") else "")
+        head, _, rest = method.partition("+")
+        method = head + tag + (f"+{rest}" if rest else "")
     return {"rank": fk.get("key_rank"), "method": method,
             "calib_seconds": cal.get("seconds"), "calib_tokens": cal.get("tokens"),
             "e2e": cal.get("e2e"), "head_dim": fk.get("head_dim") or model_dims(cfg)[3],

@@ -261,7 +261,7 @@ def test_bad_kv_heads_in_process(default_model_dir, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "src"]
 
 
-def test_quality_variant_names_and_pareto_report(default_model_dir, tmp_path):
+def test_quality_variant_names_and_pareto_report(default_model_dir, tmp_path, monkeypatch):
     """`factorkv eval` builds merge-* variants with convert(); the report has the KV bytes vs
     perplexity table (Pareto front starred) and writes the plot next to it."""
     from model_patches import quality as Q
@@ -274,6 +274,12 @@ def test_quality_variant_names_and_pareto_report(default_model_dir, tmp_path):
                                                         "calibrate": True, "key_rank": 8}
     assert Q.parse_variant("merge-kv1-rec-cal-r32") == {"kv_heads": 1, "recover": {},
                                                         "calibrate": True, "key_rank": 32}
+    assert Q.parse_variant("merge-kv1-rec150-r16") == {"kv_heads": 1, "key_rank": 16,
+                                                       "recover": {"e2e_steps": 150}}
+    for name, base in (("merge-kv1-rec150-cal-r32", "merge-kv1-rec150"),
+                       ("merge-kv2-real-rec-r8", "merge-kv2-real-rec"),
+                       ("merge-kv1-r32", "merge-kv1")):
+        assert Q._merged_name(Q.parse_variant(name)) == base
     for bad in ("merge", "merge-kv", "merge-kv1-imag", "merge-kv1-r", "cal-16", "bogus",
                 "merge-kv1-cal", "merge-kv1-rec-real"):
         assert Q.parse_variant(bad) is None, bad
@@ -283,6 +289,17 @@ def test_quality_variant_names_and_pareto_report(default_model_dir, tmp_path):
     root = tmp_path / "work"
     merged = Q.resolve_variant("merge-kv2", root, src, {}, progress=False)
     assert json.loads((merged / "config.json").read_text())["num_key_value_heads"] == 2
+    # merged then factored: built from the cached merged variant (not merged again)
+    import model_patches.head_merge as HM
+
+    def no_merge(*a, **k):
+        raise AssertionError("merge-kv2-r4 merged the source again")
+    monkeypatch.setattr(HM, "merge_kv_heads", no_merge)
+    both = Q.resolve_variant("merge-kv2-r4", root, src, {}, progress=False)
+    cfg = json.loads((both / "config.json").read_text())
+    assert cfg["num_key_value_heads"] == 2 and cfg["factored_keys"]["key_rank"] == 4
+    assert Q._ckpt_info(both)["method"] == "kv-merge-complex+partial-rope"
+    assert sorted(p.name for p in (root / "models").iterdir()) == ["merge-kv2", "merge-kv2-r4"]
     thin = convert(src, tmp_path / "r4", key_rank=4, **SMALL).dst
     ppl = lambda v: {"ppl": v, "tokens_scored": 63, "seconds": 1.0}   # noqa: E731
     metrics = {"original": {"ppl/ctx64/tokens64": ppl(10.0)},
