@@ -239,8 +239,10 @@ def _merged_name(spec: dict) -> str:
             + ("" if rec is None else f"-rec{rec.get('e2e_steps', '')}"))
 
 
-def _cut(rank: int | None, d: int = 64) -> str:
-    return "0%" if rank is None else f"{1 - rank / d:.1%}".replace(".0%", "%")
+def _cut(info: dict) -> str:
+    """Key-cache cut against the unmerged, unfactored source: 1 − H_kv·r / (H_kv_src·D)."""
+    kept = info["kv_heads"] * (info["rank"] or info["head_dim"])
+    return f"{1 - kept / (info['source_kv_heads'] * info['head_dim']):.1%}".replace(".0%", "%")
 
 
 def _ckpt_info(ckpt: Path) -> dict:
@@ -261,6 +263,7 @@ def _ckpt_info(ckpt: Path) -> dict:
             "calib_seconds": cal.get("seconds"), "calib_tokens": cal.get("tokens"),
             "e2e": cal.get("e2e"), "head_dim": fk.get("head_dim") or model_dims(cfg)[3],
             "kv_heads": model_dims(cfg)[2],
+            "source_kv_heads": (merge or {}).get("source_kv_heads") or model_dims(cfg)[2],
             "kv_bytes": kv_layout(cfg, "fp16").bytes_per_token}
 
 
@@ -375,7 +378,7 @@ def write_report(path: Path, variants: list[str], ckpts: dict[str, Path],
             cells += [f"{m['ppl']:.3f}", "–" if v == "original" else
                       f"{100 * (m['ppl'] / b['ppl'] - 1):+.1f}%"]
         L.append(f"| {v} | {info['method']} | {info['rank'] or info['head_dim']} | "
-                 f"{_cut(info['rank'], info['head_dim'])} | "
+                 f"{_cut(info)} | "
                  + " | ".join(cells) + " |")
     L += ["", "Targets (issue 4): 50% cut ≤ +1%, 75% ≤ +3%, 87.5% ≤ +8%.", ""]
     rows = _kv_rows(variants, ckpts, metrics, ctxs, n_tok)
