@@ -279,15 +279,14 @@ def e2e_distill(src: str | Path, student_cfg: dict, student_state: dict[str, tor
 
     opts = {k: v for k, v in {**E2E_DEFAULTS, **settings}.items() if k.startswith("e2e_")}
     src, dst = Path(src), Path(dst)
-    if torch.cuda.is_available():
-        raise NotImplementedError("the end-to-end pass runs on CPU only for now")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     src_cfg, src_sd = load_checkpoint(src)
-    teacher = ThinLM(src_cfg, src_sd).eval()
-    student = ThinLM(student_cfg, student_state, trainable=trainable)
+    teacher = ThinLM(src_cfg, src_sd).to_device(dev).eval()
+    student = ThinLM(student_cfg, student_state, trainable=trainable).to_device(dev)
     tok = AutoTokenizer.from_pretrained(str(src))
     seq, bsz, steps = opts["e2e_seq_len"], opts["e2e_batch"], opts["e2e_steps"]
     n_windows = len(token_stream(tok, "calibration")) // seq
-    windows = calibration_windows(tok, seq, n_windows, opts["e2e_chat_mix"])
+    windows = calibration_windows(tok, seq, n_windows, opts["e2e_chat_mix"]).to(dev)
     params = list(student.trained.parameters())
     opt = torch.optim.Adam(params, lr=opts["e2e_lr"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -299,7 +298,7 @@ def e2e_distill(src: str | Path, student_cfg: dict, student_state: dict[str, tor
                           if k.endswith(tuple(f"{n}.weight" for n in trainable)))).hexdigest()})
     start, hist = 0, []
     if (work / "e2e.pt").exists():
-        saved = torch.load(work / "e2e.pt")
+        saved = torch.load(work / "e2e.pt", map_location=dev)
         if saved.get("fingerprint") == fp:
             start, hist = saved["step"], saved["losses"]
             with torch.no_grad():
@@ -314,7 +313,7 @@ def e2e_distill(src: str | Path, student_cfg: dict, student_state: dict[str, tor
                disable=not progress, initial=start, total=steps)
     for step in bar:
         idx = order[(torch.arange(bsz) + step * bsz) % len(windows)]
-        ids = windows[idx]
+        ids = windows[idx.to(dev)]
         with torch.no_grad():
             t_logp = torch.log_softmax(teacher(ids).float(), -1)
         s_logp = torch.log_softmax(student(ids).float(), -1)
@@ -327,10 +326,10 @@ def e2e_distill(src: str | Path, student_cfg: dict, student_state: dict[str, tor
         bar.set_postfix(kl=f"{loss.item():.4f}")
         if (step + 1) % opts["e2e_save_every"] == 0 or step + 1 == steps:
             torch.save({"fingerprint": fp, "step": step + 1, "losses": hist,
-                        "params": [p.detach().clone() for p in params],
+                        "params": [p.detach().cpu().clone() for p in params],
                         "opt": opt.state_dict(), "sched": sched.state_dict()}, work / "e2e.pt")
     report = {"recipe": f"end-to-end KL(teacher || student), {'/'.join(trainable)}",
-              "steps": steps, "seq_len": seq, "batch": bsz, "lr": opts["e2e_lr"],
+              "device": str(dev), "steps": steps, "seq_len": seq, "batch": bsz, "lr": opts["e2e_lr"],
               "chat_mix": opts["e2e_chat_mix"],
               "tokens_seen": steps * seq * bsz, "seconds": round(time.time() - t0, 1),
               "kl_first": hist[:5], "kl_last": hist[-5:]}

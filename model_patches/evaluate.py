@@ -87,6 +87,18 @@ class ThinLM(torch.nn.Module):
         cfg, state = load_checkpoint(path)
         return cls(cfg, state)
 
+    def to_device(self, device: torch.device | str) -> "ThinLM":
+        """Move every tensor (checkpoint weights, rotary tables, trainable copies) to device;
+        the state dict given to the constructor is no longer shared afterwards."""
+        self.w = {k: v.to(device) for k, v in self.w.items()}
+        self.qb = [None if b is None else b.to(device) for b in self.qb]
+        self.kb = [None if b is None else b.to(device) for b in self.kb]
+        self.head = self.w.get("lm_head.weight", self.w["model.embed_tokens.weight"])
+        for rope in self.rope:
+            rope.to(device)
+        self.trained.to(device)
+        return self
+
     def _proj(self, i: int, name: str) -> torch.Tensor:
         """Layer i's attention projection weight (the trainable copy if there is one)."""
         if name in self.trainable:
@@ -95,7 +107,7 @@ class ThinLM(torch.nn.Module):
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         """The trainable projection weights, as checkpoint tensors."""
-        return {f"model.layers.{i}.self_attn.{n}.weight": self._proj(i, n).detach().clone()
+        return {f"model.layers.{i}.self_attn.{n}.weight": self._proj(i, n).detach().cpu().clone()
                 for i in range(self.n_layers) for n in self.trainable}
 
     def _rms(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -111,7 +123,7 @@ class ThinLM(torch.nn.Module):
         b, t = ids.shape
         start = cache[0][0].shape[2] if cache else 0
         pos0 = start if pos0 is None else pos0
-        pos = torch.arange(pos0, pos0 + t)
+        pos = torch.arange(pos0, pos0 + t, device=ids.device)
         masks: dict[int, torch.Tensor | None] = {}
         x = self.w["model.embed_tokens.weight"][ids]
         for i in range(self.n_layers):
@@ -133,7 +145,8 @@ class ThinLM(torch.nn.Module):
                     cache.append((k, v))
             s = k.shape[2] - t               # earlier positions in this layer's cache
             if s not in masks:               # queries s+i see keys 0..s+i
-                masks[s] = torch.ones(t, s + t, dtype=torch.bool).tril(s) if s and t > 1 else None
+                masks[s] = (torch.ones(t, s + t, dtype=torch.bool, device=ids.device).tril(s)
+                            if s and t > 1 else None)
             mask = masks[s]
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                is_causal=mask is None and t > 1,
