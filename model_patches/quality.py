@@ -155,8 +155,15 @@ def resolve_variant(name: str, root: Path, src: Path, extra: dict[str, Path],
             src = resolve_variant(merged, root, src, extra, progress)
             spec = {k: v for k, v in spec.items() if k in ("key_rank", "calibrate")}
         t0 = time.time()
-        flags = "".join(f" --{k.replace('_', '-')}" + ("" if v is True or v == {} else f" {v}")
-                        for k, v in spec.items() if v is not False)
+        flat = {}                           # recover={"e2e_steps": S} -> --recover --e2e-steps S
+        for k, v in spec.items():
+            if isinstance(v, dict):
+                flat[k] = True
+                flat.update(v)
+            elif v is not False:
+                flat[k] = v
+        flags = "".join(f" --{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                        for k, v in flat.items())
         print(f"[eval] building {name}: factorkv convert {src} {path}{flags}", file=sys.stderr,
               flush=True)
         convert(src, path, progress=progress, force=True, **spec)
