@@ -250,24 +250,23 @@ def e2e_thin_qk(src: str | Path, cfg: dict, state: dict[str, torch.Tensor], bloc
                 ) -> tuple[dict[str, torch.Tensor], dict]:
     """End-to-end QK-only distillation (Llama family) of a factored student: e2e_distill with
     only the thin q/k weights trained."""
-    from model_patches.evaluate import load_checkpoint
     student_cfg = {**cfg, "factored_keys": block, "architectures": ["FactoredLlamaForCausalLM"]}
-    _, src_sd = load_checkpoint(src)
     fp_block = {k: v for k, v in block.items() if k != "calibration"}
-    trained, report = e2e_distill(src, student_cfg, {**src_sd, **state}, ("q_proj", "k_proj"),
+    trained, report = e2e_distill(src, student_cfg, state, ("q_proj", "k_proj"),
                                   dst, fp_block, "end-to-end thin q/k", progress, **settings)
     report["recipe"] = "end-to-end KL(teacher || student), QK only"
     return {**state, **trained}, report
 
 
-def e2e_distill(src: str | Path, student_cfg: dict, student_state: dict[str, torch.Tensor],
+def e2e_distill(src: str | Path, student_cfg: dict, overrides: dict[str, torch.Tensor],
                 trainable: tuple[str, ...], dst: str | Path, fingerprint_of: object,
                 desc: str, progress: bool = True, **settings
                 ) -> tuple[dict[str, torch.Tensor], dict]:
     """End-to-end distillation (Llama family): minimise KL(teacher || student) of the
     next-token distributions on calibration windows (half chat, ``e2e_chat_mix``), training
     only the attention projections named in `trainable` (model_patches.evaluate.ThinLM); the
-    teacher is the source model. Progress is saved every `e2e_save_every` steps next to the
+    teacher is the source model, the student the source's tensors with `overrides` replacing
+    theirs (read once for both). Progress is saved every `e2e_save_every` steps next to the
     destination and a re-run with the same student, settings and `fingerprint_of` resumes.
     Returns (the trained weights as checkpoint tensors, a JSON-able report)."""
     from tqdm import tqdm
@@ -282,7 +281,7 @@ def e2e_distill(src: str | Path, student_cfg: dict, student_state: dict[str, tor
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     src_cfg, src_sd = load_checkpoint(src)
     teacher = ThinLM(src_cfg, src_sd).to_device(dev).eval()
-    student = ThinLM(student_cfg, student_state, trainable=trainable).to_device(dev)
+    student = ThinLM(student_cfg, {**src_sd, **overrides}, trainable=trainable).to_device(dev)
     tok = AutoTokenizer.from_pretrained(str(src))
     seq, bsz, steps = opts["e2e_seq_len"], opts["e2e_batch"], opts["e2e_steps"]
     n_windows = len(token_stream(tok, "calibration")) // seq
@@ -294,7 +293,7 @@ def e2e_distill(src: str | Path, student_cfg: dict, student_state: dict[str, tor
     work.mkdir(parents=True, exist_ok=True)
     fp = _fingerprint(src, fingerprint_of,
                       {**opts, "init": hashlib.sha256(b"".join(
-                          student_state[k].numpy().tobytes()[:4096] for k in sorted(student_state)
+                          overrides[k].numpy().tobytes()[:4096] for k in sorted(overrides)
                           if k.endswith(tuple(f"{n}.weight" for n in trainable)))).hexdigest()})
     start, hist = 0, []
     if (work / "e2e.pt").exists():
@@ -456,11 +455,9 @@ def recover_merged(src: str | Path, cfg: dict, state: dict[str, torch.Tensor],
               "batch": opts["batch"], "lr": opts["lr"], "device": str(dev),
               "seconds": round(time.time() - t0, 1), "layers": losses}
     if opts.get("e2e_steps", 0) > 0:
-        from engine.reference import load_state_dict
         del model, x, n, target
-        full = {**load_state_dict(src), **state}
         trained, report["e2e"] = e2e_distill(
-            src, cfg, full, ("q_proj", "k_proj", "v_proj", "o_proj"), dst,
+            src, cfg, state, ("q_proj", "k_proj", "v_proj", "o_proj"), dst,
             {"kv_head_merge": cfg.get("kv_head_merge"), "layerwise": report["layers"]},
             "end-to-end merged attention", progress, **settings)
         state = {**state, **trained}
