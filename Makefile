@@ -66,12 +66,12 @@ BENCH_QUALITY_ARGS ?=
 bench-quality: $(STAMP)
 	$(BIN)/factorkv eval $(BENCH_QUALITY_ARGS)
 
-# artifact: re-calibrate the default model at key rank RANK (model_patches.default_variants.RECIPE,
+# artifact: re-calibrate the default model at key rank RANK (model_patches.conversion.default_variants.RECIPE,
 # ~30 min on 2 CPU cores) and rewrite model_patches/artifacts/SmolLM2-135M-Instruct-thin-r$(RANK).*,
 # the weights `make serve` builds its factored model from.
 RANK ?= 16
 artifact: $(STAMP)
-	$(BIN)/python -m model_patches.default_variants regenerate $(RANK)
+	$(BIN)/python -m model_patches.conversion.default_variants regenerate $(RANK)
 
 # bench-eviction-quality: L2-norm KV eviction on the default model (keep 0.75/0.5/0.25/0.1, sink 4,
 # window 64; controls at keep 0.5: first 2 layers not evicted, random tokens kept): perplexity,
@@ -81,7 +81,7 @@ artifact: $(STAMP)
 .PHONY: bench-eviction-quality
 BENCH_EVICTION_QUALITY_ARGS ?= --keeps 0.75,0.5,0.25,0.1 --extra keep=0.5,skip=2 --extra keep=0.5,order=random --extra-tasks ppl,niah2048
 bench-eviction-quality: $(STAMP)
-	$(BIN)/python -m model_patches.eviction_quality $(BENCH_EVICTION_QUALITY_ARGS)
+	$(BIN)/python -m model_patches.evaluation.eviction_quality $(BENCH_EVICTION_QUALITY_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -97,7 +97,7 @@ class PromptSource:
     def __init__(self, model_dir: str | Path, n_tokens: int, seed: int = 0):
         from transformers import AutoTokenizer
 
-        from model_patches.wiki_data import token_stream
+        from model_patches.evaluation.text_sets import token_stream
 
         self.tok = AutoTokenizer.from_pretrained(str(model_dir))
         ids = token_stream(self.tok, "evaluation") + token_stream(self.tok, "calibration")
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m loadtests.concurrency " + " ".join(argv if argv is not None else sys.argv[1:])
     load0 = os.getloadavg()[0]
 
-    from model_patches.default_model import prepare_default_model
+    from model_patches.conversion.default_model import prepare_default_model
 
     base = Path(args.model) if args.model else prepare_default_model()
     if args.url:

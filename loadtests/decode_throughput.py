@@ -82,7 +82,7 @@ def timed_decode(llm, prompts, new_tokens: int) -> tuple[float, int]:
 def factored_copy(src: Path, rank: int) -> Path:
     """A thin-key copy of src at `rank` (first rotary pairs; throughput does not depend on
     which pairs are kept), cached next to the source."""
-    from model_patches.factored_checkpoint import write_rotary_pair_subset
+    from model_patches.conversion.checkpoint_writer import write_rotary_pair_subset
     dst = src.parent / f"{src.name}-thin-r{rank}"
     if not (dst / "config.json").exists():
         write_rotary_pair_subset(src, dst, rank)
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.model:
         base = Path(args.model)
     else:
-        from model_patches.default_model import prepare_default_model
+        from model_patches.conversion.default_model import prepare_default_model
         base = prepare_default_model()
     thin = factored_copy(base, args.rank)
     runs: dict[str, list[dict]] = {"baseline": [], "factored": []}

@@ -2,7 +2,7 @@
 
     python -m loadtests.eviction_crosscheck [--n 20] [--length 2048] [--keeps 1.0,0.5,0.1]
 
-Runs the passkey prompts of ``model_patches.eviction_quality`` (engine mode: the whole prompt
+Runs the passkey prompts of ``model_patches.evaluation.eviction_quality`` (engine mode: the whole prompt
 is evicted after prefill) through vLLM with FactorKV's eviction scheduler and worker, greedy,
 8 tokens, and compares each answer with the one the torch benchmark cached
 (``~/.cache/factorkv/eviction``; run ``make bench-eviction-quality`` first). Prints how many
@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from model_patches.default_model import prepare_default_model
-    from model_patches.eviction_quality import passkey_items
+    from model_patches.conversion.default_model import prepare_default_model
+    from model_patches.evaluation.eviction_quality import passkey_items
 
     model = prepare_default_model(quiet=True)
     tok = AutoTokenizer.from_pretrained(model)

@@ -2,7 +2,7 @@
 
     python -m loadtests.init_ppl [--windows 8] [--ranks 32,16]
 
-Evaluation: the first `windows` × 512 tokens of the held-out split of model_patches.wiki_data,
+Evaluation: the first `windows` × 512 tokens of the held-out split of model_patches.evaluation.text_sets,
 plain-torch reference (engine.reference), float32. Statistics for the data-aware init: 32×512
 calibration tokens. This is a small, fast probe, not the full quality benchmark.
 """
@@ -17,9 +17,9 @@ import torch
 
 from engine.checkpoint import FORMAT_VERSION
 from engine.reference import FactoredReference
-from model_patches.convert import init_thin_state, input_moments
-from model_patches.factored_checkpoint import read_source, write_factored, write_full_rank
-from model_patches.wiki_data import token_stream
+from model_patches.conversion.convert import init_thin_state, input_moments
+from model_patches.conversion.checkpoint_writer import read_source, write_factored, write_full_rank
+from model_patches.evaluation.text_sets import token_stream
 
 
 def ppl(path: Path, windows: torch.Tensor) -> float:
@@ -41,7 +41,7 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
-    from model_patches.default_model import prepare_default_model
+    from model_patches.conversion.default_model import prepare_default_model
     src = prepare_default_model()
     out = Path(args.work)
     out.mkdir(parents=True, exist_ok=True)

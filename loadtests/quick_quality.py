@@ -5,9 +5,9 @@
 
 Per checkpoint (``original``, ``served-rR`` = the build `factorkv serve --variant thin-rR`
 serves, or a directory): perplexity on the first ``windows`` × 512 held-out tokens
-(model_patches.wiki_data evaluation split), passkey accuracy at 2048 tokens on
+(model_patches.evaluation.text_sets evaluation split), passkey accuracy at 2048 tokens on
 ``passkey-n`` prompts, and greedy answers (24 tokens) to the 5 fixed chat prompts; plain
-torch (model_patches.evaluate), float32. One JSON line per checkpoint on stdout. The full,
+torch (model_patches.evaluation.tasks), float32. One JSON line per checkpoint on stdout. The full,
 documented benchmark is `factorkv eval` (docs/results/quality.md).
 """
 
@@ -20,8 +20,8 @@ from pathlib import Path
 
 
 def resolve(name: str) -> Path:
-    from model_patches.default_model import prepare_default_model
-    from model_patches.default_variants import prepare_variant
+    from model_patches.conversion.default_model import prepare_default_model
+    from model_patches.conversion.default_variants import prepare_variant
 
     if name == "original":
         return prepare_default_model(quiet=True)
@@ -31,9 +31,9 @@ def resolve(name: str) -> Path:
 
 
 def probe(path: Path, tok, windows: int, passkey_n: int) -> dict:
-    from model_patches.evaluate import (ThinLM, eval_windows, greedy_chat, passkey_accuracy,
+    from model_patches.evaluation.tasks import (ThinLM, eval_windows, greedy_chat, passkey_accuracy,
                                         passkey_prompts, perplexity)
-    from model_patches.wiki_data import token_stream
+    from model_patches.evaluation.text_sets import token_stream
 
     t0 = time.time()
     model = ThinLM.from_dir(path).eval()

@@ -9,8 +9,8 @@ HELP = ("convert an HF Llama/GPT-2 checkpoint to factored (thin) keys, optionall
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from model_patches.head_merge import MERGE_KEYS
-    from model_patches.thin_init import METHODS
+    from model_patches.conversion.head_merge import MERGE_KEYS
+    from model_patches.conversion.thin_init import METHODS
 
     p = subparsers.add_parser(
         "convert", help=HELP,
@@ -65,8 +65,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from model_patches.convert import DEFAULT_STAT_TOKENS, convert
-    from model_patches.factored_checkpoint import ConversionError
+    from model_patches.conversion.convert import DEFAULT_STAT_TOKENS, convert
+    from model_patches.conversion.checkpoint_writer import ConversionError
 
     from server.errors import CLIError
 

@@ -27,8 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from model_patches.default_model import DefaultModelError
-    from model_patches.default_variants import DEFAULT_VARIANT, check_variant, prepare_variant
+    from model_patches.conversion.default_model import DefaultModelError
+    from model_patches.conversion.default_variants import DEFAULT_VARIANT, check_variant, prepare_variant
 
     from server.errors import CLIError
 

@@ -130,8 +130,8 @@ def precheck(argv: list[str]) -> None:
     variant = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--variant"), None)
     variant = next((a.split("=", 1)[1] for a in argv if a.startswith("--variant=")), variant)
     if variant is not None:
-        from model_patches.default_model import DefaultModelError
-        from model_patches.default_variants import check_variant
+        from model_patches.conversion.default_model import DefaultModelError
+        from model_patches.conversion.default_variants import check_variant
 
         try:
             check_variant(variant)
@@ -191,8 +191,8 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
         raise CLIError("--variant picks a build of the default model; it cannot be combined "
                        "with --model")
     if args.model is None:
-        from model_patches.default_model import MODEL_NAME, DefaultModelError
-        from model_patches.default_variants import DEFAULT_VARIANT, prepare_variant
+        from model_patches.conversion.default_model import MODEL_NAME, DefaultModelError
+        from model_patches.conversion.default_variants import DEFAULT_VARIANT, prepare_variant
 
         try:
             path = prepare_variant(args.variant or DEFAULT_VARIANT)

@@ -3,7 +3,7 @@
 * ``default_model_dir`` (session): the prepared default model (SmolLM2-135M-Instruct,
   float32 HF directory) under $FACTORKV_CACHE_DIR (default ~/.cache/factorkv).
 * ``default_variant_dir`` (session): the build of it that `factorkv serve` serves by
-  default (calibrated factored keys, model_patches.default_variants).
+  default (calibrated factored keys, model_patches.conversion.default_variants).
 * ``default_server`` (session): one `factorkv serve` process with the default model
   (no --model: the README path, i.e. the default variant), 256 MiB KV cache,
   max-model-len 2048; a
@@ -42,7 +42,7 @@ DEFAULT_SERVER_ARGS = ("--kv-cache-memory", "256MiB", "--max-model-len", "2048",
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """Prepare (once per machine) and return the default model directory."""
-    from model_patches.default_model import prepare_default_model
+    from model_patches.conversion.default_model import prepare_default_model
 
     return prepare_default_model(quiet=True)
 
@@ -50,7 +50,7 @@ def default_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def default_variant_dir(default_model_dir) -> Path:
     """The default build `factorkv serve` serves (built once from the shipped artifact)."""
-    from model_patches.default_variants import DEFAULT_VARIANT, prepare_variant
+    from model_patches.conversion.default_variants import DEFAULT_VARIANT, prepare_variant
 
     return prepare_variant(DEFAULT_VARIANT, default_model_dir.parent.parent, quiet=True)
 

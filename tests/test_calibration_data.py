@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from model_patches.calibration_data import calibration_windows, chat_windows
-from model_patches.wiki_data import split
+from model_patches.conversion.calibration_data import calibration_windows, chat_windows
+from model_patches.evaluation.text_sets import split
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from engine.checkpoint import FactoredCheckpointError, FactoredKeysConfig, validate_checkpoint_dir
-from model_patches.factored_checkpoint import (ConversionError, write_full_rank,
+from model_patches.conversion.checkpoint_writer import (ConversionError, write_full_rank,
                                                write_rotary_pair_subset)
 from tests.engine_utils import tiny_gpt2, tiny_llama
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.reference import FactoredReference
-from model_patches.convert import convert
+from model_patches.conversion.convert import convert
 from tests.engine_utils import ROOT, run_vllm
 
 VOCAB = 49152          # the default model's tokenizer, so the converter reads real text
@@ -96,7 +96,7 @@ def test_calibration_reduces_layer_error_and_resumes(sources, tmp_path):
     assert all(x["relative_mse_after"] < x["relative_mse_before"] for x in layers)
     assert not (tmp_path / ".cal.calib").exists()          # progress removed when done
     # resume: a progress file for layer 1 is picked up (same fingerprint) and finishes the rest
-    from model_patches import calibrate as C
+    from model_patches.conversion import calibrate as C
     calls = []
     real = C._Layer
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model_patches import default_variants as dv
-from model_patches.default_model import MODEL_NAME, DefaultModelError
+from model_patches.conversion import default_variants as dv
+from model_patches.conversion.default_model import MODEL_NAME, DefaultModelError
 
 
 @pytest.fixture()
@@ -84,8 +84,8 @@ def test_default_variant_is_a_usable_model(default_model_dir, default_variant_di
     tokens within 2x the original's, and a sensible chat answer."""
     from transformers import AutoTokenizer
 
-    from model_patches.evaluate import ThinLM, eval_windows, greedy_chat, perplexity
-    from model_patches.wiki_data import token_stream
+    from model_patches.evaluation.tasks import ThinLM, eval_windows, greedy_chat, perplexity
+    from model_patches.evaluation.text_sets import token_stream
 
     tok = AutoTokenizer.from_pretrained(default_model_dir)
     windows = eval_windows(token_stream(tok, "evaluation"), 512, 4 * 512)

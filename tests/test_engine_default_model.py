@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from model_patches.factored_checkpoint import write_full_rank
+from model_patches.conversion.checkpoint_writer import write_full_rank
 from tests.engine_utils import run_vllm
 
 pytestmark = pytest.mark.slow

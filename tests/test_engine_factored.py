@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine.reference import FactoredReference
-from model_patches.factored_checkpoint import write_rotary_pair_subset
+from model_patches.conversion.checkpoint_writer import write_rotary_pair_subset
 from tests.engine_utils import max_logprob_error, run_vllm, tiny_gpt2, tiny_llama
 
 pytestmark = pytest.mark.slow

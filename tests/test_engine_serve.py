@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from model_patches.factored_checkpoint import write_full_rank, write_rotary_pair_subset
+from model_patches.conversion.checkpoint_writer import write_full_rank, write_rotary_pair_subset
 from tests._server import running_server
 from tests.conftest import DEFAULT_SERVER_ARGS
 

@@ -22,7 +22,7 @@ import torch
 
 from engine.eviction.policy import EvictionPolicy
 from engine.reference import FactoredReference
-from model_patches.factored_checkpoint import write_full_rank, write_rotary_pair_subset
+from model_patches.conversion.checkpoint_writer import write_full_rank, write_rotary_pair_subset
 from tests.engine_utils import max_logprob_error, run_vllm, tiny_llama
 
 pytestmark = pytest.mark.slow

@@ -1,7 +1,7 @@
 """The plain-torch eviction reference (engine.reference, ``forward(ids, evict=(policy, L))``)
 against implementations that literally compact a KV cache after prefill and decode on it:
 transformers' own Llama with a gathered DynamicCache and explicit positions, and the quality
-benchmark's ThinLM path (model_patches.eviction_quality). Tiny random models, a few seconds."""
+benchmark's ThinLM path (model_patches.evaluation.eviction_quality). Tiny random models, a few seconds."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 
 from engine.eviction.policy import EvictionPolicy
 from engine.reference import FactoredReference, evict_mask, greedy_with_eviction
-from model_patches.eviction_quality import evict_cache, greedy_on_cache, run_on_cache
-from model_patches.evaluate import ThinLM
-from model_patches.factored_checkpoint import write_full_rank, write_rotary_pair_subset
+from model_patches.evaluation.eviction_quality import evict_cache, greedy_on_cache, run_on_cache
+from model_patches.evaluation.tasks import ThinLM
+from model_patches.conversion.checkpoint_writer import write_full_rank, write_rotary_pair_subset
 from tests.engine_utils import tiny_gpt2, tiny_llama
 
 SINK, WINDOW = 4, 16
@@ -132,7 +132,7 @@ def test_reference_equals_thinlm_compacted_cache(models, name):
 
 
 def test_gpt2_reference_keep_one(tmp_path):
-    from model_patches.factored_checkpoint import write_full_rank as full
+    from model_patches.conversion.checkpoint_writer import write_full_rank as full
     ref = FactoredReference(full(tiny_gpt2(tmp_path / "g"), tmp_path / "gf"))
     ids = torch.tensor(_ids(80, 4))
     plain = ref(ids)
@@ -143,7 +143,7 @@ def test_gpt2_reference_keep_one(tmp_path):
 
 def test_benchmark_skip_layers_variation(models):
     """Setting(skip_layers=N): the first N layers keep their cache (per-layer cache lengths)."""
-    from model_patches.eviction_quality import Setting
+    from model_patches.evaluation.eviction_quality import Setting
     policy = EvictionPolicy(keep=0.3, sink=SINK, window=WINDOW)
     ids, n = _ids(140, 5), 100
     lm = ThinLM.from_dir(models["full"]).eval()

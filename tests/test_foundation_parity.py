@@ -1,6 +1,6 @@
 """vLLM (through `factorkv serve`) greedy tokens == a plain-torch reference of the same
 checkpoint: Hugging Face transformers for the original default model (``--variant
-original``), model_patches.evaluate.ThinLM for the calibrated factored build the README
+original``), model_patches.evaluation.tasks.ThinLM for the calibrated factored build the README
 path serves.
 
 Both float32, three fixed prompts, 32 new tokens each (EOS ignored). The prompts go to the
@@ -59,7 +59,7 @@ def test_default_variant_greedy_matches_torch_reference(default_server, default_
     import torch
     from transformers import AutoTokenizer
 
-    from model_patches.evaluate import ThinLM, greedy
+    from model_patches.evaluation.tasks import ThinLM, greedy
 
     info = default_server.get_json("/factorkv/info")
     assert info["architectures"] == ["FactoredLlamaForCausalLM"]

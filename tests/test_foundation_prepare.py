@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import model_patches.default_model as dm
+import model_patches.conversion.default_model as dm
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -36,7 +36,7 @@ def test_cpu_platform_selects_factorkv_backend():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_factored_model_on_gpu(tmp_path):
     from engine.reference import FactoredReference
-    from model_patches.factored_checkpoint import write_rotary_pair_subset
+    from model_patches.conversion.checkpoint_writer import write_rotary_pair_subset
     from tests.engine_utils import run_vllm, tiny_llama
     thin = write_rotary_pair_subset(tiny_llama(tmp_path / "src"), tmp_path / "thin", 8)
     prompt = list(range(3, 60))

@@ -1,4 +1,4 @@
-"""KV head merging (`factorkv convert --kv-heads N`, model_patches/head_merge.py).
+"""KV head merging (`factorkv convert --kv-heads N`, model_patches/conversion/head_merge.py).
 
 * exactness: a tiny Llama whose KV heads are exact combinations of N heads (keys: a complex
   scalar per rotary frequency, i.e. RoPE-commuting; values: any D×D matrix) merged to N
@@ -21,10 +21,10 @@ import sys
 import pytest
 import torch
 
-from model_patches.convert import convert
-from model_patches.factored_checkpoint import ConversionError
-from model_patches.head_merge import groups, merge_kv_heads
-from model_patches.wiki_data import token_stream
+from model_patches.conversion.convert import convert
+from model_patches.conversion.checkpoint_writer import ConversionError
+from model_patches.conversion.head_merge import groups, merge_kv_heads
+from model_patches.evaluation.text_sets import token_stream
 from tests.engine_utils import ROOT
 
 VOCAB = 49152          # the default model's tokenizer, so the converter reads real text
@@ -264,7 +264,7 @@ def test_bad_kv_heads_in_process(default_model_dir, tmp_path, capsys):
 def test_quality_variant_names_and_pareto_report(default_model_dir, tmp_path, monkeypatch):
     """`factorkv eval` builds merge-* variants with convert(); the report has the KV bytes vs
     perplexity table (Pareto front starred) and writes the plot next to it."""
-    from model_patches import quality as Q
+    from model_patches.evaluation import quality as Q
     assert Q.parse_variant("original") == {}
     assert Q.parse_variant("cal-r16") == {"calibrate": True, "key_rank": 16}
     assert Q.parse_variant("merge-kv1") == {"kv_heads": 1}
@@ -290,7 +290,7 @@ def test_quality_variant_names_and_pareto_report(default_model_dir, tmp_path, mo
     merged = Q.resolve_variant("merge-kv2", root, src, {}, progress=False)
     assert json.loads((merged / "config.json").read_text())["num_key_value_heads"] == 2
     # merged then factored: built from the cached merged variant (not merged again)
-    import model_patches.head_merge as HM
+    import model_patches.conversion.head_merge as HM
 
     def no_merge(*a, **k):
         raise AssertionError("merge-kv2-r4 merged the source again")

@@ -128,7 +128,7 @@ def tiny_pair(default_model_dir, tmp_path_factory):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from model_patches.factored_checkpoint import write_rotary_pair_subset
+    from model_patches.conversion.checkpoint_writer import write_rotary_pair_subset
 
     root = tmp_path_factory.mktemp("kvm")
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""The quality benchmark's math (model_patches.evaluate) on tiny models, and its report."""
+"""The quality benchmark's math (model_patches.evaluation.tasks) on tiny models, and its report."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from engine.reference import FactoredReference
-from model_patches import evaluate as E
-from model_patches.factored_checkpoint import write_rotary_pair_subset
+from model_patches.evaluation import tasks as E
+from model_patches.conversion.checkpoint_writer import write_rotary_pair_subset
 from tests.engine_utils import tiny_llama
 
 
@@ -123,7 +123,7 @@ def test_passkey_accuracy_with_shared_prefix_equals_plain_greedy(tiny, tok):
 
 
 def test_report_lists_every_variant(tmp_path, tiny):
-    from model_patches.quality import write_report
+    from model_patches.evaluation.quality import write_report
     src, thin = tiny
     ppl = lambda v: {"ppl": v, "tokens_scored": 63, "window_nll": [63 * math.log(v)],  # noqa: E731
                      "seconds": 1.0}
@@ -147,7 +147,7 @@ def test_report_lists_every_variant(tmp_path, tiny):
 
 @pytest.mark.slow
 def test_vllm_prompt_nll_matches_torch(tiny, tmp_path):
-    from model_patches import evaluate_vllm
+    from model_patches.evaluation import vllm_check as evaluate_vllm
     _, thin = tiny
     windows = torch.randint(3, 256, (3, 48), generator=torch.Generator().manual_seed(2))
     ref = E.window_nll(E.ThinLM.from_dir(thin), windows).double()
@@ -190,7 +190,7 @@ def test_calibration_learned_freq_and_e2e_pass(default_model_dir, tmp_path):
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from model_patches.convert import convert
+    from model_patches.conversion.convert import convert
     torch.manual_seed(0)
     src = tmp_path / "src"
     LlamaForCausalLM(LlamaConfig(
@@ -215,7 +215,7 @@ def test_calibration_learned_freq_and_e2e_pass(default_model_dir, tmp_path):
         diff = (E.ThinLM.from_dir(s.dst)(ids)[0] - FactoredReference(s.dst)(ids[0])).abs().max()
     assert diff < 1e-4
     # the e2e pass alone, on an existing checkpoint (layer-wise stage not repeated)
-    from model_patches.calibrate import e2e_checkpoint
+    from model_patches.conversion.calibrate import e2e_checkpoint
     out = e2e_checkpoint(src, plain.dst, tmp_path / "e2e", progress=False, e2e_steps=2,
                          e2e_seq_len=32, e2e_batch=2)
     fk2 = json.loads((out / "config.json").read_text())["factored_keys"]
@@ -227,7 +227,7 @@ def test_calibration_learned_freq_and_e2e_pass(default_model_dir, tmp_path):
 
 
 def test_served_variant_names():
-    from model_patches.quality import parse_variant, variant_priority
+    from model_patches.evaluation.quality import parse_variant, variant_priority
 
     assert parse_variant("served-r16") == {"served_rank": 16}
     assert parse_variant("served-16") is None and parse_variant("served-r16-x") is None

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-import model_patches.default_model as dm
+import model_patches.conversion.default_model as dm
 from server.errors import CLIError
 from server.model_check import check_model_dir
 from tests._server import REPO
@@ -37,7 +37,7 @@ def _env(**extra) -> dict:
 #: the real file and then SIGKILLs its own process: a kill at the worst moment, every time.
 KILL_MID_WRITE = """
 import os, signal, sys
-import model_patches.factored_checkpoint as fc
+import model_patches.conversion.checkpoint_writer as fc
 real_save = fc.save_file
 def save_half_then_die(tensors, path, metadata=None):
     real_save(tensors, path, metadata=metadata)

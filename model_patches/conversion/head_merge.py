@@ -12,9 +12,9 @@ S_n are disjoint runs of H_kv/N heads). Every merge below is done per new head n
 
 Statistics. Keys and values are linear in the attention input x (k = W_k x + b_k), so the
 second moments of the calibration activations are exact from C_x = E[x xᵀ] (the converter's
-statistics, model_patches.convert.input_moments): E[k_a k_bᵀ] = W_k^a C_x W_k^bᵀ. A bias is
+statistics, model_patches.conversion.convert.input_moments): E[k_a k_bᵀ] = W_k^a C_x W_k^bᵀ. A bias is
 handled by appending a constant 1 to x. This is the PCA of the collected K/V caches
-(calibration split of model_patches.wiki_data), without storing them.
+(calibration split of model_patches.evaluation.text_sets), without storing them.
 
 Keys, "complex" (commutes with RoPE). HF Llama rotates dims i and i + D/2 together
 (rotate_half), i.e. z_i = k_i + j·k_{i+D/2} is multiplied by e^{j·pos·θ_i}. Per frequency
@@ -45,7 +45,7 @@ the output projection: Ω_a = Σ_{q→a} W_o^qᵀ W_o^q (block diagonal R = Ω^�
 eigenvectors of R E[v_S v_Sᵀ] R, E = Ũᵀ R, M = R⁻¹ Ũ.
 
 The merged model caches N/H_kv of the source's KV bytes per token. Optional recovery
-(``recover=...``, `--recover`): model_patches.calibrate.recover_merged trains the merged
+(``recover=...``, `--recover`): model_patches.conversion.calibrate.recover_merged trains the merged
 attention layer by layer against the source's attention outputs.
 """
 
@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint import model_dims
-from model_patches.factored_checkpoint import ConversionError, read_source, write_checkpoint
+from model_patches.conversion.checkpoint_writer import ConversionError, read_source, write_checkpoint
 
 MERGE_KEYS = ("complex", "real")
 WEIGHTINGS = ("attention", "none")
@@ -293,9 +293,9 @@ def merge_kv_heads(src: str | Path, dst: str | Path, kv_heads: int, *,
                    stat_tokens: int | None = None, recover: dict | None = None,
                    force: bool = False, progress: bool = True) -> MergeSummary:
     """Write `src` with its KV heads merged into `kv_heads` heads at `dst` (see module doc).
-    recover: settings of model_patches.calibrate.recover_merged ({} = its defaults), which
+    recover: settings of model_patches.conversion.calibrate.recover_merged ({} = its defaults), which
     then trains the merged attention against `src`; None: training-free."""
-    from model_patches.convert import DEFAULT_STAT_TOKENS, input_moments
+    from model_patches.conversion.convert import DEFAULT_STAT_TOKENS, input_moments
 
     src, dst = Path(src), Path(dst)
     if weighting not in WEIGHTINGS:
@@ -312,12 +312,12 @@ def merge_kv_heads(src: str | Path, dst: str | Path, kv_heads: int, *,
                                 "stat_tokens": stat_tokens or DEFAULT_STAT_TOKENS,
                                 "source_model": cfg.get("_name_or_path") or src.name}
     if recover is not None:
-        from model_patches.calibrate import recover_merged
+        from model_patches.conversion.calibrate import recover_merged
         state, report = recover_merged(src, new_cfg, state, dst, progress=progress, **recover)
         new_cfg["kv_head_merge"]["recovery"] = report
     write_checkpoint(src, dst, new_cfg, state, force=force, validate=check_gqa_dir)
     if recover is not None:
-        from model_patches.calibrate import cleanup
+        from model_patches.conversion.calibrate import cleanup
         cleanup(dst)                      # the end-to-end pass's saved progress
     return MergeSummary(dst, (model_dims(cfg)[2], kv_heads),
                         merge_keys + (" + recovery" if recover is not None else ""),

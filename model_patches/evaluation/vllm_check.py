@@ -1,6 +1,6 @@
 """Prompt NLL of token windows through the served vLLM engine (in-process, eager, float32).
 
-    python -m model_patches.evaluate_vllm SPEC.json OUT.json
+    python -m model_patches.evaluation.vllm_check SPEC.json OUT.json
 
 SPEC: {"model": dir, "windows": [[ids]...], "engine": {extra LLM kwargs}}
 OUT:  {"nll": [[-logprob of token j | j = 1..ctx-1] per window], "seconds", "startup_s",
@@ -92,7 +92,7 @@ def run(model: str | Path, windows: list[list[int]] | None, work: Path, timeout:
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0",
                PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-m", "model_patches.evaluate_vllm", str(spec),
+    proc = subprocess.run([sys.executable, "-m", "model_patches.evaluation.vllm_check", str(spec),
                            str(out)], cwd=root, env=env, capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode != 0 or not out.exists():

@@ -8,15 +8,15 @@
 1. Calibration statistics: the source model runs on calibration text (the gensim
    Wikipedia calibration split, disjoint from evaluation) and the second moment
    C_x = E[x xᵀ] of every layer's attention input is accumulated.
-2. Initialisation, layer by layer: model_patches.thin_init (data-aware whitened SVD,
+2. Initialisation, layer by layer: model_patches.conversion.thin_init (data-aware whitened SVD,
    rotary pair choice) gives each KV head's thin key rows, the absorbed query rows
    and the RoPE frequency table of the thin dims.
-3. Optional calibration (model_patches.calibrate): QK-only recovery against the source.
-4. Written atomically through model_patches.factored_checkpoint.write_factored.
+3. Optional calibration (model_patches.conversion.calibrate): QK-only recovery against the source.
+4. Written atomically through model_patches.conversion.checkpoint_writer.write_factored.
 
-With kv_heads=N, model_patches.head_merge first merges the KV heads (a standard GQA
+With kv_heads=N, model_patches.conversion.head_merge first merges the KV heads (a standard GQA
 checkpoint; alone, that is the output), optionally recovered against the source
-(recover=..., model_patches.calibrate.recover_merged). With a key rank too, the merged model is written to
+(recover=..., model_patches.conversion.calibrate.recover_merged). With a key rank too, the merged model is written to
 a temp dir next to dst and factored from there by steps 1-4 (calibration then distils
 against the merged model), and the temp dir is removed.
 """
@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint import BLOCK, FORMAT_VERSION, FactoredKeysConfig, model_dims
-from model_patches.factored_checkpoint import (ConversionError, gpt2_qkv, read_source,
+from model_patches.conversion.checkpoint_writer import (ConversionError, gpt2_qkv, read_source,
                                                source_inv_freq, write_factored)
-from model_patches.thin_init import METHODS, head_moments, init_head
+from model_patches.conversion.thin_init import METHODS, head_moments, init_head
 
 DEFAULT_INIT = "partial-rope"
 DEFAULT_STAT_TOKENS = 32 * 512
@@ -86,7 +86,7 @@ def input_moments(src: str | Path, n_tokens: int = DEFAULT_STAT_TOKENS, seq_len:
     augment: the moments of [x; 1] instead (E[x] in the last row and column), for biases."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from model_patches.wiki_data import token_stream
+    from model_patches.evaluation.text_sets import token_stream
 
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(src))
@@ -216,14 +216,14 @@ def convert(src: str | Path, dst: str | Path, *, key_rank: int | None = None,
     if merge:
         block["kv_head_merge"] = merge
     if calibrate:
-        from model_patches.calibrate import calibrate_thin_qk
+        from model_patches.conversion.calibrate import calibrate_thin_qk
         state, report = calibrate_thin_qk(src, cfg, family, state, block, dst=dst,
                                           progress=progress, **(calibration or {}))
         block["method"] = f"{method}+calibrated"
         block["calibration"] = report
     write_factored(src, dst, cfg=cfg, family=family, state=state, block=block, force=force)
     if calibrate:
-        from model_patches.calibrate import cleanup
+        from model_patches.conversion.calibrate import cleanup
         cleanup(dst)
     fk = FactoredKeysConfig.from_hf_config(json.loads((dst / "config.json").read_text()))
     return ConvertSummary(dst, list(fk.ranks), d, 2 * fk.kv_elements_per_token(),
@@ -238,7 +238,7 @@ def _merge_then_factor(src: Path, dst: Path, kv_heads: int, merge_keys: str, fac
     import shutil
     import tempfile
 
-    from model_patches.head_merge import check_kv_heads, merge_kv_heads
+    from model_patches.conversion.head_merge import check_kv_heads, merge_kv_heads
 
     cfg, _, family = read_source(src)
     check_kv_heads(cfg, family, kv_heads, merge_keys)

@@ -64,7 +64,7 @@ class ThinLM(torch.nn.Module):
             self.ranks, self.scale = list(fk.ranks), fk.softmax_scale
             tables, scaling = list(fk.inv_freq), fk.rotary_attention_scaling
         else:
-            from model_patches.factored_checkpoint import source_inv_freq
+            from model_patches.conversion.checkpoint_writer import source_inv_freq
             inv, scaling = source_inv_freq(cfg)
             self.ranks, self.scale = [self.d] * self.n_layers, self.d ** -0.5
             tables = [inv[None].expand(self.h_kv, -1).double()] * self.n_layers
@@ -306,7 +306,7 @@ def passkey_accuracy_vllm(ckpt: str | Path, tok, prompts: list[PasskeyPrompt], w
                           max_new: int = 8) -> dict:
     """:func:`passkey_accuracy` through the vLLM engine (greedy, prefix caching on: the shared
     filler prefix is computed once). Same scoring."""
-    from model_patches import evaluate_vllm
+    from model_patches.evaluation import vllm_check as evaluate_vllm
     longest = max(prompts, key=lambda p: p.prefix_len)
     out = evaluate_vllm.run(ckpt, None, work, spec_extra={
         "mode": "generate", "prompts": [p.ids for p in prompts], "max_tokens": max_new,

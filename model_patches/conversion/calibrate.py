@@ -9,8 +9,8 @@ layers are seen and compensated), n_l = norm(x_l):
 Only the thin query/key projections are trained (values, output projection, norms and MLPs
 keep the source's weights); the RoPE table of the thin dims stays the initialisation's.
 Then x_{l+1} = the student's full layer applied to x_l. Text: the calibration split of
-model_patches.wiki_data (disjoint from evaluation), half of it as chat-template
-conversations (model_patches.calibration_data, ``chat_mix``). After each layer the progress is saved
+model_patches.evaluation.text_sets (disjoint from evaluation), half of it as chat-template
+conversations (model_patches.conversion.calibration_data, ``chat_mix``). After each layer the progress is saved
 next to the destination (`.<dst>.calib/`), so an interrupted run resumes where it stopped.
 Runs on CUDA when available.
 """
@@ -29,7 +29,7 @@ from engine.checkpoint import model_dims
 from engine.rotary import ThinRotaryEmbedding
 
 # chat_mix: fraction of calibration windows that are chat-template conversations
-# (model_patches.calibration_data); the rest is Wikipedia prose.
+# (model_patches.conversion.calibration_data); the rest is Wikipedia prose.
 DEFAULTS = {"tokens": 64 * 256, "seq_len": 256, "steps": 150, "batch": 8, "lr": 2e-3,
             "chat_mix": 0.5}
 # Optional end-to-end pass after the layer-wise one (e2e_steps = 0: off).
@@ -119,8 +119,8 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from engine.checkpoint import FactoredKeysConfig
-    from model_patches.calibration_data import calibration_windows
-    from model_patches.factored_checkpoint import source_inv_freq
+    from model_patches.conversion.calibration_data import calibration_windows
+    from model_patches.conversion.checkpoint_writer import source_inv_freq
 
     e2e = {k: settings.pop(k) for k in list(settings) if k.startswith("e2e_")}
     # learn_freq: also train the thin pairs' rotary frequencies (lr = freq_lr); only part of
@@ -264,7 +264,7 @@ def e2e_distill(src: str | Path, student_cfg: dict, overrides: dict[str, torch.T
                 ) -> tuple[dict[str, torch.Tensor], dict]:
     """End-to-end distillation (Llama family): minimise KL(teacher || student) of the
     next-token distributions on calibration windows (half chat, ``e2e_chat_mix``), training
-    only the attention projections named in `trainable` (model_patches.evaluate.ThinLM); the
+    only the attention projections named in `trainable` (model_patches.evaluation.tasks.ThinLM); the
     teacher is the source model, the student the source's tensors with `overrides` replacing
     theirs (read once for both). Progress is saved every `e2e_save_every` steps next to the
     destination and a re-run with the same student, settings and `fingerprint_of` resumes.
@@ -272,9 +272,9 @@ def e2e_distill(src: str | Path, student_cfg: dict, overrides: dict[str, torch.T
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from model_patches.calibration_data import calibration_windows
-    from model_patches.evaluate import ThinLM, load_checkpoint
-    from model_patches.wiki_data import token_stream
+    from model_patches.conversion.calibration_data import calibration_windows
+    from model_patches.evaluation.tasks import ThinLM, load_checkpoint
+    from model_patches.evaluation.text_sets import token_stream
 
     opts = {k: v for k, v in {**E2E_DEFAULTS, **settings}.items() if k.startswith("e2e_")}
     src, dst = Path(src), Path(dst)
@@ -347,8 +347,8 @@ def e2e_checkpoint(src: str | Path, ckpt: str | Path, dst: str | Path, progress:
     """Run the end-to-end pass on an existing factored checkpoint (e.g. a layer-wise calibrated
     one) and write the result to dst (the layer-wise stage is not repeated)."""
     from engine.checkpoint import BLOCK
-    from model_patches.evaluate import load_checkpoint
-    from model_patches.factored_checkpoint import write_factored
+    from model_patches.evaluation.tasks import load_checkpoint
+    from model_patches.conversion.checkpoint_writer import write_factored
 
     src, dst = Path(src), Path(dst)
     fcfg, st = load_checkpoint(ckpt)
@@ -368,7 +368,7 @@ def e2e_checkpoint(src: str | Path, ckpt: str | Path, dst: str | Path, progress:
 def recover_merged(src: str | Path, cfg: dict, state: dict[str, torch.Tensor],
                    dst: str | Path, progress: bool = True, **settings
                    ) -> tuple[dict[str, torch.Tensor], dict]:
-    """Recovery of a KV-head-merged Llama-family model (model_patches.head_merge): sequential
+    """Recovery of a KV-head-merged Llama-family model (model_patches.conversion.head_merge): sequential
     layer-wise attention-output matching, as calibrate_thin_qk but every attention weight of
     the merged layer is trained (q/k/v/o and their biases; norms and MLPs are the source's).
 
@@ -385,8 +385,8 @@ def recover_merged(src: str | Path, cfg: dict, state: dict[str, torch.Tensor],
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from model_patches.factored_checkpoint import source_inv_freq
-    from model_patches.wiki_data import token_stream
+    from model_patches.conversion.checkpoint_writer import source_inv_freq
+    from model_patches.evaluation.text_sets import token_stream
 
     opts = {**DEFAULTS, **settings}
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -5,7 +5,7 @@ Variants (checkpoints under ``<work>/models/``, built on first use with the conv
   init-rR       `factorkv convert SRC DST --key-rank R`               (training-free init)
   cal-rR        `factorkv convert SRC DST --key-rank R --calibrate`   (current recipe)
   served-rR     the build `factorkv serve --variant thin-rR` serves: the shipped artifact
-                (model_patches.default_variants, its longer recipe) swapped into the original
+                (model_patches.conversion.default_variants, its longer recipe) swapped into the original
   merge-kvN     `factorkv convert SRC DST --kv-heads N`               (KV head merging, GQA)
   merge-kvN-real                 ... `--merge-keys real` (non-RoPE-commuting key merge)
   merge-kvN-rec                  ... `--recover` (merged attention trained against the source)
@@ -13,7 +13,7 @@ Variants (checkpoints under ``<work>/models/``, built on first use with the conv
   merge-kvN[-real][-rec[S]]-rR, ...-cal-rR    merged, then factored (and calibrated)
   NAME=PATH     any other checkpoint, factored or not (``--variant``)
 
-Metrics (model_patches.evaluate, plain batched torch, float32), cached per variant in
+Metrics (model_patches.evaluation.tasks, plain batched torch, float32), cached per variant in
 ``<work>/results/<variant>.json`` keyed by the metric's settings and the checkpoint's
 fingerprint, so a re-run only computes what is missing:
   * perplexity on the held-out Wikipedia split at each context (non-overlapping windows);
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from model_patches.evaluate import EvalError
+from model_patches.evaluation.tasks import EvalError
 
 DEFAULT_VARIANTS = ("original", "init-r32", "cal-r32", "init-r16", "cal-r16", "served-r16",
                     "init-r8", "cal-r8",
@@ -97,7 +97,7 @@ def variant_priority(name: str) -> int:
 
 
 def work_dir(path: str | None = None) -> Path:
-    from model_patches.default_model import cache_root
+    from model_patches.conversion.default_model import cache_root
     return Path(path) if path else cache_root() / "quality"
 
 
@@ -143,11 +143,11 @@ def resolve_variant(name: str, root: Path, src: Path, extra: dict[str, Path],
     if spec is None:
         raise EvalError(f"unknown variant {name!r} ({VARIANT_NAMES})")
     if "served_rank" in spec:
-        from model_patches.default_variants import prepare_variant
+        from model_patches.conversion.default_variants import prepare_variant
         return prepare_variant(f"thin-r{spec['served_rank']}", quiet=not progress)
     path = root / "models" / name
     if not (path / "config.json").exists():
-        from model_patches.convert import convert
+        from model_patches.conversion.convert import convert
         if "kv_heads" in spec and "key_rank" in spec:
             # merged, then factored: factor the merged variant (built on first use and cached),
             # which is what `convert --kv-heads N --key-rank R` does in a temp dir
@@ -175,8 +175,8 @@ def evaluate_variant(name: str, ckpt: Path, root: Path, tok, opts: dict, log=pri
     """Compute the missing metrics of one variant; returns its metrics dict."""
     from tqdm import tqdm
 
-    from model_patches import evaluate as E
-    from model_patches.wiki_data import token_stream
+    from model_patches.evaluation import tasks as E
+    from model_patches.evaluation.text_sets import token_stream
 
     res = Results(root, name, ckpt)
     model = None
@@ -226,7 +226,7 @@ def evaluate_variant(name: str, ckpt: Path, root: Path, tok, opts: dict, log=pri
         ctx = opts["vllm_ctx"]
         key = f"vllm-ppl/ctx{ctx}/tokens{opts['eval_tokens']}"
         if res.get(key) is None:
-            from model_patches import evaluate_vllm
+            from model_patches.evaluation import vllm_check as evaluate_vllm
             windows = E.eval_windows(stream, ctx, opts["eval_tokens"])
             log(f"[eval] {name}: recomputing ctx {ctx} through vLLM ({windows.numel()} tokens)")
             t0 = time.time()
@@ -370,9 +370,9 @@ def write_report(path: Path, variants: list[str], ckpts: dict[str, Path],
          "Reproduce:", "", "```", command, "```", "",
          "## Perplexity", "",
          f"Held-out Wikipedia text (the gensim articles with `sha1(title) mod 3 == 0`, "
-         f"model_patches.wiki_data; calibration never sees them), the first {n_tok:,} tokens "
+         f"model_patches.evaluation.text_sets; calibration never sees them), the first {n_tok:,} tokens "
          f"in non-overlapping windows of each context; every token of a window but the first "
-         f"is scored. Plain-torch evaluator (`model_patches/evaluate.py`).", ""]
+         f"is scored. Plain-torch evaluator (`model_patches/evaluation/tasks.py`).", ""]
     head = "| variant | method | r | key-cache cut | " + " | ".join(
         f"PPL @{c} | Δ @{c}" for c in ctxs) + " |"
     L += [head, "|" + "---|" * (4 + 2 * len(ctxs))]
@@ -409,7 +409,7 @@ def write_report(path: Path, variants: list[str], ckpts: dict[str, Path],
         L += ["## The served engine computes the same model", "",
               f"The `{vv}` row at context {vc} recomputed through vLLM (the FactorKV engine: "
               "`LLM(model=<checkpoint>, dtype=float32, enforce_eager=True)` in-process, "
-              "prompt logprobs of the same windows, `model_patches/evaluate_vllm.py`):", "",
+              "prompt logprobs of the same windows, `model_patches/evaluation/vllm_check.py`):", "",
               "| variant | ctx | tokens scored | PPL (torch) | PPL (vLLM) | relative diff | "
               "max per-window mean-NLL diff |", "|---|---:|---:|---:|---:|---:|---:|",
               f"| {vv} | {vc} | {vm['tokens_scored']:,} | {tm['ppl']:.4f} | {vm['ppl']:.4f} | "
@@ -424,7 +424,7 @@ def write_report(path: Path, variants: list[str], ckpts: dict[str, Path],
               "repeated), `The pass key is NNNNN. Remember it.` after a random number of filler "
               "units (uniform depth), more filler, then `What is the pass key? The pass key is`; "
               "greedy, 8 new tokens, exact match of the first digit run with the 5-digit key "
-              f"(seed {opts['seed']}, `model_patches.evaluate.passkey_prompts`). Run through the "
+              f"(seed {opts['seed']}, `model_patches.evaluation.tasks.passkey_prompts`). Run through the "
               "served vLLM engine with prefix caching (the filler prefix is shared; "
               "`--passkey-engine torch` runs the plain-torch evaluator instead, which gives the "
               "same greedy tokens, ~2× slower). The original and "
@@ -481,7 +481,7 @@ def write_report(path: Path, variants: list[str], ckpts: dict[str, Path],
 def run_benchmark(opts: dict, command: str, log=print) -> Path:
     from transformers import AutoTokenizer
 
-    from model_patches.default_model import prepare_default_model
+    from model_patches.conversion.default_model import prepare_default_model
 
     torch.set_num_threads(opts["threads"])
     t0 = time.time()

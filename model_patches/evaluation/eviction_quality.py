@@ -1,6 +1,6 @@
 """Quality of L2-norm KV eviction on the default model (`make bench-eviction-quality`).
 
-    python -m model_patches.eviction_quality [--keeps 0.5,0.25,0.1] [--sink 4] [--window 64]
+    python -m model_patches.evaluation.eviction_quality [--keeps 0.5,0.25,0.1] [--sink 4] [--window 64]
         [--extra keep=0.5,skip=2] [--extra keep=0.5,order=random] [--extra-tasks ppl,niah2048]
 
 Eviction (engine/eviction/policy.py, the same as the engine and engine.reference): a prompt of
@@ -13,14 +13,14 @@ tests/test_eviction_reference.py checks this against ``engine.reference`` and tr
 Metrics (plain batched torch, float32), written between the quality markers of
 docs/results/eviction.md:
 
-* **perplexity**, sliding windows of 2048 held-out Wikipedia tokens (model_patches.wiki_data,
+* **perplexity**, sliding windows of 2048 held-out Wikipedia tokens (model_patches.evaluation.text_sets,
   evaluation split) at stride 1024: the first 1024 tokens are the evicted prompt, the last 1024
   are scored teacher-forced on the evicted cache (the first of them is predicted by the
   prompt's last row, which eviction cannot change);
 * **needle in a haystack** at 2k / 4k tokens: real held-out text, a fact sentence
   (" <name>'s favourite <thing> is <value>.") at a random sentence boundary, a question at the
   end, greedy answer, exact match of the value;
-* **passkey** at 2k / 4k (model_patches.evaluate.passkey_prompts, extract_passkey).
+* **passkey** at 2k / 4k (model_patches.evaluation.tasks.passkey_prompts, extract_passkey).
 
 Retrieval is scored in two modes: *context* (the default, stricter): the prompt that is
 evicted is everything before the question; the question is fed afterwards on the evicted
@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.eviction.policy import DEFAULT_SINK, DEFAULT_WINDOW, EvictionPolicy
-from model_patches.evaluate import ThinLM, token_nll
+from model_patches.evaluation.tasks import ThinLM, token_nll
 
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
 REPORT = Path(__file__).resolve().parent.parent / "docs" / "results" / "eviction.md"
@@ -252,8 +252,8 @@ def niah_correct(text: str, answer: str) -> bool:
 
 
 def passkey_items(tok, length: int, n: int, seed: int = 0) -> list[dict]:
-    """model_patches.evaluate.passkey_prompts as dicts (one shared haystack: head + filler)."""
-    from model_patches.evaluate import PASSKEY_QUESTION, passkey_prompts
+    """model_patches.evaluation.tasks.passkey_prompts as dicts (one shared haystack: head + filler)."""
+    from model_patches.evaluation.tasks import PASSKEY_QUESTION, passkey_prompts
     q = len(_enc(tok, PASSKEY_QUESTION))
     return [{"ids": p.ids, "answer": p.answer, "haystack": 0, "depth": p.prefix_len,
              "question_len": q} for p in passkey_prompts(tok, length, n, seed)]
@@ -307,8 +307,8 @@ def compute(opts: dict, log=print) -> dict:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from model_patches.quality import Results
-    from model_patches.wiki_data import token_stream
+    from model_patches.evaluation.quality import Results
+    from model_patches.evaluation.text_sets import token_stream
 
     ckpt = Path(opts["model"])
     res = Results(Path(opts["work"]), "eviction", ckpt)
@@ -353,7 +353,7 @@ def compute(opts: dict, log=print) -> dict:
             tasks.append(("niah", length, niah_prompts(tok, stream, length, opts["niah_n"],
                                                        opts["seed"]), 6, niah_correct))
         if opts["passkey_n"]:
-            from model_patches.evaluate import extract_passkey
+            from model_patches.evaluation.tasks import extract_passkey
             tasks.append(("passkey", length, passkey_items(tok, length, opts["passkey_n"],
                                                            opts["seed"]), 8,
                           lambda text, ans: extract_passkey(text) == ans))
@@ -516,7 +516,7 @@ def report_section(summary: dict, opts: dict, command: str, plot_name: str | Non
            f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} shared CPU cores "
            f"({platform.machine()}), {minutes:.0f} min of compute in the run(s) that filled the "
            "cache. SmolLM2-135M-Instruct (30 layers, 3 KV heads, head_dim 64), float32, "
-           "`model_patches/eviction_quality.py`: the prompt is prefilled with full attention, "
+           "`model_patches/evaluation/eviction_quality.py`: the prompt is prefilled with full attention, "
            "then its KV cache is compacted per layer and KV head to `EvictionPolicy.select` "
            "(the lowest-‖k‖₂ middle tokens plus the first `sink` and last `window`), and later "
            "tokens run on the compacted cache at their logical positions — the engine's "
@@ -541,7 +541,7 @@ def report_section(summary: dict, opts: dict, command: str, plot_name: str | Non
             "(16 names, 6 things, 6 values each) after a random sentence end, then `Question: "
             "What is <name>'s favourite <thing>?\\nAnswer: <name>'s favourite <thing> is`; "
             "correct when the first word of the answer is the value. *Passkey*: "
-            "`model_patches.evaluate.passkey_prompts` (repeated filler, 5-digit key at a random "
+            "`model_patches.evaluation.tasks.passkey_prompts` (repeated filler, 5-digit key at a random "
             "depth), `extract_passkey`.", "",
             "Two modes. **context**: the evicted prompt is everything before the question; the "
             "question is fed afterwards on the evicted cache, so every answer token depends on "
@@ -605,8 +605,8 @@ def _ints(s: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model_patches.default_model import cache_root, default_model_dir
-    ap = argparse.ArgumentParser(prog="python -m model_patches.eviction_quality",
+    from model_patches.conversion.default_model import cache_root, default_model_dir
+    ap = argparse.ArgumentParser(prog="python -m model_patches.evaluation.eviction_quality",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(default_model_dir()), help="checkpoint (default: the "
                     "prepared default model)")
@@ -637,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     torch.set_num_threads(a.threads or max(1, cores - int(os.getloadavg()[0] + 0.5)))
     opts = dict(vars(a), progress=not a.no_progress)
-    command = "python -m model_patches.eviction_quality " + shlex.join(
+    command = "python -m model_patches.evaluation.eviction_quality " + shlex.join(
         argv if argv is not None else sys.argv[1:])
     t0 = time.time()
     summary = compute(opts)

@@ -13,7 +13,7 @@ the thin weights into the prepared original and writes the checkpoint atomically
 
 with a marker recording the artifact's hash (a second call only reads the marker).
 Regenerate an artifact (the calibration with RECIPES[r], then the export) with
-``make artifact RANK=16`` (= ``python -m model_patches.default_variants regenerate 16``).
+``make artifact RANK=16`` (= ``python -m model_patches.conversion.default_variants regenerate 16``).
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from pathlib import Path
 
 import torch
 
-from model_patches.default_model import (MODEL_NAME, DefaultModelError, _lock, _sha256,
+from model_patches.conversion.default_model import (MODEL_NAME, DefaultModelError, _lock, _sha256,
                                          default_model_dir, prepare_default_model)
 
-ARTIFACT_DIR = Path(__file__).resolve().parent / "artifacts"
+ARTIFACT_DIR = Path(__file__).resolve().parent.parent / "artifacts"
 DEFAULT_VARIANT = "thin-r16"
 ORIGINAL = "original"
 MARKER = "factorkv-variant.json"
-# The calibration recipe of each shipped artifact (model_patches.calibrate settings).
+# The calibration recipe of each shipped artifact (model_patches.conversion.calibrate settings).
 # r = 16: layer-wise on 256 windows of 256 tokens (half chat-formatted), 300 Adam steps of
 # 16 windows per layer, then 60 end-to-end KL steps (~30 min on 2 CPU cores).
 # r = 32: the converter's default `--calibrate` (64 windows, 150 steps of 8; ~6 min).
@@ -114,7 +114,7 @@ def prepare_variant(variant: str = DEFAULT_VARIANT, cache_dir=None, quiet: bool 
     from safetensors.torch import load_file
 
     from engine.checkpoint import BLOCK, LLAMA_ARCH, validate_checkpoint_dir
-    from model_patches.factored_checkpoint import write_checkpoint
+    from model_patches.conversion.checkpoint_writer import write_checkpoint
 
     check_variant(variant)
     src = prepare_default_model(cache_dir, force=force, quiet=quiet)
@@ -160,7 +160,7 @@ def regenerate(rank: int, cache_dir=None, progress: bool = True) -> Path:
     """Calibrate the default model at `rank` with RECIPES[rank] (the converter's defaults for
     other ranks) and export the artifact. Resumable: the calibration keeps its progress next
     to its work checkpoint in the cache."""
-    from model_patches.convert import convert
+    from model_patches.conversion.convert import convert
 
     src = prepare_default_model(cache_dir, quiet=not progress)
     work = src.parent / f".artifact-work-r{rank}"
@@ -173,7 +173,7 @@ def regenerate(rank: int, cache_dir=None, progress: bool = True) -> Path:
 
 def _main(argv: list[str]) -> int:
     import sys
-    usage = ("usage: python -m model_patches.default_variants "
+    usage = ("usage: python -m model_patches.conversion.default_variants "
              "{export CALIBRATED_CHECKPOINT | regenerate RANK}")
     if len(argv) != 2 or argv[0] not in ("export", "regenerate") or \
             (argv[0] == "regenerate" and not argv[1].isdigit()):
