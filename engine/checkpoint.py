@@ -1,15 +1,21 @@
-"""The `factored_keys` block of a factored checkpoint's config.json, parsed and validated.
+"""The `factored_keys` block of a factored checkpoint's config.json: built, parsed, validated.
 
-See docs/checkpoint-format.md. Everything that reads a factored checkpoint (the vLLM
-models, the plain-torch reference, the metrics, the CLI's pre-flight check) goes
-through `FactoredKeysConfig.from_hf_config`, so a malformed checkpoint fails the
-same way everywhere: one `FactoredCheckpointError` line naming the field or tensor.
+See docs/checkpoint-format.md. `FactoredKeysConfig` is the one type of the block:
+everything that reads a factored checkpoint (the vLLM models, the plain-torch reference,
+the metrics, the CLI's pre-flight check) goes through `FactoredKeysConfig.from_hf_config`,
+so a malformed checkpoint fails the same way everywhere: one `FactoredCheckpointError`
+line naming the field or tensor. Everything that writes one (the converters, the
+calibration, the default-model variants) builds it with `FactoredKeysConfig.build`, derives
+changed copies with `dataclasses.replace` (it is frozen) and serialises it with `to_block`.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +29,8 @@ GPT2_ARCH = "FactoredGPT2LMHeadModel"
 FACTORED_ARCHS = (LLAMA_ARCH, GPT2_ARCH)
 REQUIRED_FIELDS = ("format_version", "key_rank", "head_dim", "rotary_inv_freq", "method",
                    "source_model")
+# Optional metadata objects, written after the fields above when present.
+METADATA_FIELDS = ("kv_head_merge", "calibration")
 
 
 class FactoredCheckpointError(ValueError):
@@ -47,12 +55,15 @@ def model_dims(hf_config: Any) -> tuple[int, int, int, int, int]:
 
 @dataclass(frozen=True)
 class FactoredKeysConfig:
-    """Validated factored-keys block.
+    """Validated factored-keys block (immutable: a calibrated config is a new object,
+    `dataclasses.replace(fk, ...)`).
 
     ranks[l]         thin key dims r_l of layer l (per KV head)
     head_dim         D, the value / original head dim
     softmax_scale    multiplies q·k (the original model's, normally D**-0.5)
     inv_freq[l]      float64 tensor [num_kv_heads, r_l/2] (None when the model has no RoPE)
+    kv_head_merge    the KV head merge the keys were factored after (head_merge), or None
+    calibration      the calibration report (calibrate), or None
     """
 
     ranks: tuple[int, ...]
@@ -65,6 +76,8 @@ class FactoredKeysConfig:
     method: str
     source_model: str
     source_architecture: str
+    kv_head_merge: dict | None = dataclasses.field(default=None, hash=False)
+    calibration: dict | None = dataclasses.field(default=None, hash=False)
 
     @property
     def uniform_rank(self) -> int | None:
@@ -74,13 +87,32 @@ class FactoredKeysConfig:
     def has_rope(self) -> bool:
         return self.inv_freq is not None
 
-    def kv_elements_per_token(self) -> int:
-        """Cache elements per token, all layers: sum_l H_kv (r_l + D)."""
-        return sum(self.num_kv_heads * (r + self.head_dim) for r in self.ranks)
-
-    def baseline_kv_elements_per_token(self) -> int:
-        """The unfactored model's cache elements per token: sum_l H_kv 2D."""
-        return len(self.ranks) * self.num_kv_heads * 2 * self.head_dim
+    @classmethod
+    def build(cls, hf_config: dict, ranks: int | Sequence[int],
+              inv_freq: Sequence[Any] | None, *, method: str, source_model: str,
+              rotary_attention_scaling: float = 1.0, softmax_scale: float | None = None,
+              source_architecture: str | None = None, kv_head_merge: dict | None = None,
+              calibration: dict | None = None) -> "FactoredKeysConfig":
+        """A new config for a model with `hf_config`'s dimensions (the source's config.json),
+        validated exactly like a read one. ranks: one int for every layer, or one per layer;
+        inv_freq: per layer a [kv_head][r_l/2] table (nested lists or tensors), None without
+        RoPE; softmax_scale defaults to head_dim**-0.5, source_architecture to the config's
+        architectures[0]."""
+        head_dim = model_dims(hf_config)[3]
+        block: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "key_rank": ranks if isinstance(ranks, int) else list(ranks),
+            "head_dim": head_dim,
+            "softmax_scale": head_dim ** -0.5 if softmax_scale is None else softmax_scale,
+            "rotary_inv_freq": None if inv_freq is None else [
+                t.tolist() if isinstance(t, torch.Tensor) else t for t in inv_freq],
+            "rotary_attention_scaling": rotary_attention_scaling, "method": method,
+            "source_model": source_model,
+            "source_architecture": (source_architecture if source_architecture is not None
+                                    else (hf_config.get("architectures") or [""])[0]),
+            "kv_head_merge": kv_head_merge, "calibration": calibration,
+        }
+        return cls.from_hf_config({**hf_config, BLOCK: block})
 
     @classmethod
     def from_hf_config(cls, hf_config: Any) -> "FactoredKeysConfig":
@@ -119,24 +151,33 @@ class FactoredKeysConfig:
         att = block.get("rotary_attention_scaling", 1.0)
         if not isinstance(att, (int, float)) or not math.isfinite(att):
             raise FactoredCheckpointError(f"config.json {BLOCK}.rotary_attention_scaling must be a number")
+        for name in METADATA_FIELDS:
+            if not isinstance(block.get(name), (dict, type(None))):
+                raise FactoredCheckpointError(f"config.json {BLOCK}.{name} must be an object")
         return cls(ranks=tuple(ranks), head_dim=head_dim, num_heads=n_heads, num_kv_heads=n_kv,
                    softmax_scale=float(scale), inv_freq=inv_freq,
                    rotary_attention_scaling=float(att), method=str(block["method"]),
                    source_model=str(block["source_model"]),
-                   source_architecture=str(block.get("source_architecture", "")))
+                   source_architecture=str(block.get("source_architecture", "")),
+                   kv_head_merge=copy.deepcopy(block.get("kv_head_merge")),
+                   calibration=copy.deepcopy(block.get("calibration")))
 
     def to_block(self) -> dict[str, Any]:
-        """The JSON block for config.json (inverse of from_hf_config)."""
+        """The JSON block for config.json (inverse of from_hf_config; a new dict each call)."""
         rank: int | list[int] = self.uniform_rank or list(self.ranks)
         freq = None
         if self.inv_freq is not None:
             freq = [t.tolist() for t in self.inv_freq]
-        return {
+        block = {
             "format_version": FORMAT_VERSION, "key_rank": rank, "head_dim": self.head_dim,
             "softmax_scale": self.softmax_scale, "rotary_inv_freq": freq,
             "rotary_attention_scaling": self.rotary_attention_scaling, "method": self.method,
             "source_model": self.source_model, "source_architecture": self.source_architecture,
         }
+        for name in METADATA_FIELDS:
+            if getattr(self, name) is not None:
+                block[name] = copy.deepcopy(getattr(self, name))
+        return block
 
 
 def _parse_inv_freq(value: Any, ranks: list[int], n_kv: int) -> tuple[torch.Tensor, ...] | None:

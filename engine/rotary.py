@@ -10,6 +10,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.checkpoint import model_dims
+
+
+def source_inv_freq(cfg: dict) -> tuple[torch.Tensor, float]:
+    """An ordinary checkpoint's rotary inv_freq [D/2] (float32) and attention scaling, as
+    transformers computes them from config.json (rope_type default, llama3, yarn, ...)."""
+    from transformers import AutoConfig     # heavy; only original checkpoints need it
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"})
+    params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        d = model_dims(cfg)[3]
+        base = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        return inv, 1.0
+    inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu")
+    return inv.float(), float(scaling)
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -28,15 +48,19 @@ class ThinRotaryEmbedding(nn.Module):
     are computed from the positions on the fly."""
 
     def __init__(self, inv_freq: torch.Tensor, num_heads: int, attention_scaling: float = 1.0,
-                 max_position: int | None = None):
+                 max_position: int | None = None, trainable: bool = False):
         super().__init__()
         num_kv_heads, half = inv_freq.shape
         self.num_kv_heads = num_kv_heads
         self.group = num_heads // num_kv_heads
         self.rank = 2 * half
         self.attention_scaling = attention_scaling
-        # fp32 like HF's inv_freq; not a checkpoint weight.
-        self.register_buffer("inv_freq", inv_freq.to(torch.float32), persistent=False)
+        # fp32 like HF's inv_freq; not a checkpoint weight (a parameter when calibration
+        # learns the frequencies).
+        if trainable:
+            self.inv_freq = nn.Parameter(inv_freq.detach().to(torch.float32).clone())
+        else:
+            self.register_buffer("inv_freq", inv_freq.to(torch.float32), persistent=False)
         half_perm = torch.cat((torch.arange(half, 2 * half), torch.arange(half)))
         self.register_buffer("perm", half_perm, persistent=False)
         self.cos_table = self.sin_table = None

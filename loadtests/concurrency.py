@@ -97,7 +97,7 @@ class PromptSource:
     def __init__(self, model_dir: str | Path, n_tokens: int, seed: int = 0):
         from transformers import AutoTokenizer
 
-        from model_patches.evaluation.text_sets import token_stream
+        from model_patches.text_sets import token_stream
 
         self.tok = AutoTokenizer.from_pretrained(str(model_dir))
         ids = token_stream(self.tok, "evaluation") + token_stream(self.tok, "calibration")

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from server.sizes import parse_size
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -103,7 +105,6 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     batches = [int(x) for x in args.batches.split(",")]
     contexts = [int(x) for x in args.contexts.split(",")]
-    from server.sizes import parse_size
     kv_bytes = parse_size(args.kv_cache_memory)
     if args.worker:
         worker(args.worker[0], args.worker[1], batches, contexts, args.new_tokens, kv_bytes)

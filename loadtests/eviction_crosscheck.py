@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from vllm.inputs import TokensPrompt
 
     from model_patches.conversion.default_model import prepare_default_model
-    from model_patches.evaluation.eviction_quality import passkey_items
+    from model_patches.evaluation.eviction_quality.tasks import passkey_items
 
     model = prepare_default_model(quiet=True)
     tok = AutoTokenizer.from_pretrained(model)

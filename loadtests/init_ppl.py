@@ -2,8 +2,8 @@
 
     python -m loadtests.init_ppl [--windows 8] [--ranks 32,16]
 
-Evaluation: the first `windows` × 512 tokens of the held-out split of model_patches.evaluation.text_sets,
-plain-torch reference (engine.reference), float32. Statistics for the data-aware init: 32×512
+Evaluation: the first `windows` × 512 tokens of the held-out split of model_patches.text_sets,
+plain-torch reference (engine.torch_model), float32. Statistics for the data-aware init: 32×512
 calibration tokens. This is a small, fast probe, not the full quality benchmark.
 """
 
@@ -15,15 +15,16 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import FORMAT_VERSION
-from engine.reference import FactoredReference
-from model_patches.conversion.convert import init_thin_state, input_moments
+from engine.checkpoint import FactoredKeysConfig
+from engine.torch_model import TorchCausalLM
+from model_patches.conversion.activation_stats import input_moments
+from model_patches.conversion.convert import init_thin_state
 from model_patches.conversion.checkpoint_writer import read_source, write_factored, write_full_rank
-from model_patches.evaluation.text_sets import token_stream
+from model_patches.text_sets import token_stream
 
 
 def ppl(path: Path, windows: torch.Tensor) -> float:
-    model, nll, n = FactoredReference(path), 0.0, 0
+    model, nll, n = TorchCausalLM.from_dir(path), 0.0, 0
     with torch.inference_mode():
         for w in windows:
             lp = torch.log_softmax(model(w)[:-1], -1)
@@ -56,12 +57,10 @@ def main() -> None:
     for r in (int(x) for x in args.ranks.split(",")):
         for init in args.methods.split(","):
             st, table, sc = init_thin_state(cfg, sd, fam, r, init, moments, progress=False)
-            block = {"format_version": FORMAT_VERSION, "key_rank": r, "head_dim": 64,
-                     "softmax_scale": 0.125, "rotary_inv_freq": table,
-                     "rotary_attention_scaling": sc, "method": init, "source_model": src.name,
-                     "source_architecture": "LlamaForCausalLM"}
+            fk = FactoredKeysConfig.build(cfg, r, table, method=init, source_model=src.name,
+                                          rotary_attention_scaling=sc)
             d = out / f"{init}-{r}"
-            write_factored(src, d, cfg=cfg, family=fam, state=st, block=block, force=True)
+            write_factored(src, d, cfg=cfg, family=fam, state=st, fk=fk, force=True)
             p = ppl(d, ev)
             print(f"| {init} | {r} | {p:.2f} | {100 * (p / base - 1):+.0f}% |", flush=True)
 

@@ -5,7 +5,7 @@
 
 Per checkpoint (``original``, ``served-rR`` = the build `factorkv serve --variant thin-rR`
 serves, or a directory): perplexity on the first ``windows`` × 512 held-out tokens
-(model_patches.evaluation.text_sets evaluation split), passkey accuracy at 2048 tokens on
+(model_patches.text_sets evaluation split), passkey accuracy at 2048 tokens on
 ``passkey-n`` prompts, and greedy answers (24 tokens) to the 5 fixed chat prompts; plain
 torch (model_patches.evaluation.tasks), float32. One JSON line per checkpoint on stdout. The full,
 documented benchmark is `factorkv eval` (docs/results/quality.md).
@@ -31,12 +31,13 @@ def resolve(name: str) -> Path:
 
 
 def probe(path: Path, tok, windows: int, passkey_n: int) -> dict:
-    from model_patches.evaluation.tasks import (ThinLM, eval_windows, greedy_chat, passkey_accuracy,
-                                        passkey_prompts, perplexity)
-    from model_patches.evaluation.text_sets import token_stream
+    from engine.torch_model import TorchCausalLM
+    from model_patches.evaluation.tasks import (eval_windows, greedy_chat, passkey_accuracy,
+                                                passkey_prompts, perplexity)
+    from model_patches.text_sets import token_stream
 
     t0 = time.time()
-    model = ThinLM.from_dir(path).eval()
+    model = TorchCausalLM.from_dir(path).eval()
     w = eval_windows(token_stream(tok, "evaluation"), 512, windows * 512)
     out = {"ppl": round(perplexity(model, w)["ppl"], 3)}
     if passkey_n:

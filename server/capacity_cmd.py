@@ -1,6 +1,6 @@
 """`factorkv capacity`: KV memory per user and users per device for any HF config.
 
-Uses :mod:`server.kv_memory`, the code path behind the live server's gauges:
+Uses :mod:`engine.kv_layout`, the code path behind the live server's gauges:
 
     users = floor(KV memory / KV bytes per user),
     KV memory = gpu_memory · utilization − weights (estimated from the config's shapes,
@@ -20,6 +20,9 @@ import json
 import math
 from pathlib import Path
 
+from server.errors import CLIError
+from server.sizes import size_arg
+
 HELP = "KV memory per user and users per device for a model at a context length"
 
 #: Attention shapes of well-known models (their published config.json values).
@@ -38,8 +41,6 @@ PRESETS: dict[str, dict] = {
 
 def load_config(model: str) -> tuple[str, dict]:
     """(name, config dict) of a preset, a model directory, or a config.json file."""
-    from server.errors import CLIError
-
     if model.lower() in PRESETS:
         return model.lower(), dict(PRESETS[model.lower()])
     path = Path(model).expanduser()
@@ -58,8 +59,6 @@ def load_config(model: str) -> tuple[str, dict]:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from server.serve import _size_arg
-
     p = subparsers.add_parser(
         "capacity", help=HELP,
         description="Print KV bytes per token and per user, and how many users of a given "
@@ -69,11 +68,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="model directory, config.json, or a preset name")
     p.add_argument("--context", type=int, default=131072, metavar="TOKENS",
                    help="tokens per user (prompt + output), default 131072")
-    p.add_argument("--gpu-memory", type=_size_arg, default=_size_arg("80GiB"), metavar="SIZE",
+    p.add_argument("--gpu-memory", type=size_arg, default=size_arg("80GiB"), metavar="SIZE",
                    help="device memory, default 80GiB")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="F",
                    help="fraction of device memory vLLM may use (default 0.9)")
-    p.add_argument("--weights-memory", type=_size_arg, default=None, metavar="SIZE",
+    p.add_argument("--weights-memory", type=size_arg, default=None, metavar="SIZE",
                    help="memory of weights + activations (default: estimated from the config)")
     p.add_argument("--dtype", default="fp16", help="weight dtype (default fp16)")
     p.add_argument("--kv-dtype", default="fp16", help="KV cache dtype: fp16, bf16, fp8, fp32")
@@ -89,13 +88,13 @@ def capacity_rows(cfg: dict, *, context: int, gpu_memory: int, utilization: floa
                   weights_memory: int | None, dtype: str, kv_dtype: str,
                   key_ranks: list[int] | None, block_size: int) -> list[dict]:
     """One row per variant: the model itself, its baseline or its factored what-ifs."""
-    from server.kv_memory import KVCapacity, dtype_bytes, kv_layout, weight_bytes_estimate
+    # engine.kv_layout imports torch: loaded only when this command runs (`factorkv --help` stays fast)
+    from engine.kv_layout import KVCapacity, dtype_bytes, kv_layout, weight_bytes_estimate
 
     layout = kv_layout(cfg, kv_dtype)
     weights = weights_memory if weights_memory is not None else weight_bytes_estimate(cfg, dtype_bytes(dtype))
     kv_memory = int(gpu_memory * utilization) - weights
     if kv_memory <= 0:
-        from server.errors import CLIError
         raise CLIError(f"weights ({weights / 2**30:.1f} GiB) leave no KV memory in "
                        f"{gpu_memory / 2**30:.1f} GiB × {utilization}")
     base = layout.with_key_rank(layout.head_dim) if layout.factored else layout
@@ -123,7 +122,7 @@ def capacity_rows(cfg: dict, *, context: int, gpu_memory: int, utilization: floa
 
 
 def format_table(name: str, cfg: dict, rows: list[dict], args: argparse.Namespace) -> str:
-    from engine.checkpoint import model_dims
+    from engine.checkpoint import model_dims  # torch: only when this command runs
 
     layers, heads, kv_heads, head_dim, _ = model_dims(cfg)
     gib = 2 ** 30
@@ -142,9 +141,7 @@ def format_table(name: str, cfg: dict, rows: list[dict], args: argparse.Namespac
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.checkpoint import FactoredCheckpointError
-
-    from server.errors import CLIError
+    from engine.checkpoint import FactoredCheckpointError  # torch: only when this command runs
 
     if args.context < 1:
         raise CLIError(f"--context must be at least 1, got {args.context}")

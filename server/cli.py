@@ -1,7 +1,7 @@
 """The `factorkv` command.
 
-Subcommands are modules listed in :data:`SUBCOMMANDS` (or added at run time with
-:func:`register_subcommand`). A subcommand module provides
+Subcommands are modules listed in :data:`SUBCOMMANDS` (imported by name, so that this
+module imports none of them statically). A subcommand module provides
 
 * ``HELP``: a one-line summary (shown by ``factorkv --help``; importing the module
   must be cheap: import vLLM/torch inside functions, not at module level);
@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
+from importlib.metadata import version
 from typing import NoReturn
 
 from server.errors import CLIError
 
 PROG = "factorkv"
 
-#: (name, module) of every subcommand, in help order. Other packages may append.
+#: (name, module) of every subcommand, in help order.
 SUBCOMMANDS: list[tuple[str, str]] = [
     ("serve", "server.serve"),
     ("prepare", "server.prepare_cmd"),
@@ -38,15 +38,6 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("capacity", "server.capacity_cmd"),
     ("eval", "server.eval_cmd"),
 ]
-
-
-def register_subcommand(name: str, module: str) -> None:
-    """Add (or replace) a subcommand implemented by ``module``."""
-    for i, (n, _) in enumerate(SUBCOMMANDS):
-        if n == name:
-            SUBCOMMANDS[i] = (name, module)
-            return
-    SUBCOMMANDS.append((name, module))
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -93,8 +84,6 @@ def _module(modname: str):
 
 def _version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("factorkv")
     except Exception:  # noqa: BLE001
         return "unknown"

@@ -65,8 +65,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from model_patches.conversion.convert import DEFAULT_STAT_TOKENS, convert
+    from model_patches.conversion.activation_stats import DEFAULT_STAT_TOKENS
     from model_patches.conversion.checkpoint_writer import ConversionError
+    from model_patches.conversion.convert import convert
 
     from server.errors import CLIError
 

@@ -17,7 +17,7 @@ def _ints(s: str) -> list[int]:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from model_patches.evaluation.quality import DEFAULT_VARIANTS
+    from model_patches.evaluation.quality.variants import DEFAULT_VARIANTS
 
     p = subparsers.add_parser(
         "eval", help=HELP,
@@ -59,7 +59,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from model_patches.evaluation.tasks import EvalError
-    from model_patches.evaluation.quality import run_benchmark
+    from model_patches.evaluation.quality.run import run_benchmark
 
     from server.errors import CLIError
 

@@ -37,6 +37,11 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
+from starlette.middleware import Middleware
+
+from server.errors import CLIError
+from server.sizes import size_arg
+
 #: POST routes that start a generation (they count towards --max-queued-requests).
 GENERATION_PATHS = frozenset({
     "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages",
@@ -51,14 +56,12 @@ RETRY_AFTER_SECONDS = 1
 
 def add_arguments(group) -> None:
     """Add the guard options to an argparse group of `factorkv serve`."""
-    from server.serve import _size_arg
-
     group.add_argument(
         "--max-queued-requests", type=int, default=None, metavar="N",
         help="admit at most max-num-seqs + N generation requests at once; more get HTTP 429 "
              "with Retry-After (None: unbounded, vLLM queues everything)")
     group.add_argument(
-        "--max-request-body-bytes", type=_size_arg, default=DEFAULT_MAX_BODY_BYTES,
+        "--max-request-body-bytes", type=size_arg, default=DEFAULT_MAX_BODY_BYTES,
         metavar="SIZE", help="largest request body in bytes or a size such as 16MiB; larger "
                              "get HTTP 413; 0 = no limit")
     group.add_argument(
@@ -69,8 +72,6 @@ def add_arguments(group) -> None:
 
 def check_arguments(args) -> None:
     """Raise CLIError (one line) for bad guard options."""
-    from server.errors import CLIError
-
     if args.max_queued_requests is not None and args.max_queued_requests < 0:
         raise CLIError(f"--max-queued-requests must be 0 or more, got {args.max_queued_requests}")
     if args.max_request_body_bytes < 0:
@@ -94,6 +95,7 @@ class _Stats:
                          "shutting_down": 0}
 
     def collect(self):
+        # prometheus_client (~0.1 s) only when scraped: this module is on every CLI command's path.
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         c = CounterMetricFamily("factorkv_http_rejected", "HTTP requests rejected by "
@@ -157,13 +159,11 @@ def eviction_problem(body: bytes, enabled: bool) -> str | None:
         return None
     if not enabled:
         return "vllm_xargs.kv_evict_keep needs a server started with --kv-evict"
-    from engine.eviction.policy import EvictionConfigError, EvictionPolicy
+    from engine.eviction.policy import EvictionConfigError
+    from server.kv_evict_arg import check_request_keep
 
-    keep = xargs["kv_evict_keep"]
     try:
-        if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-            raise EvictionConfigError(f"kv-evict: keep must be a number, got {keep!r}")
-        EvictionPolicy(keep=float(keep))
+        check_request_keep(xargs["kv_evict_keep"])
     except EvictionConfigError as e:
         return f"vllm_xargs.kv_evict_keep: {str(e).removeprefix('kv-evict: ')}"
     return None
@@ -322,7 +322,7 @@ def _reshape(status: int, body: bytes) -> bytes:
 
 def install_guards(app, args, engine_client) -> None:
     """Wrap ``app`` (before it serves) according to the parsed `factorkv serve` args."""
-    import vllm.envs as envs
+    import vllm.envs as envs  # vLLM: only when serving (CLI start-up time)
 
     keys = [k for k in (args.api_key or [envs.VLLM_API_KEY]) if k]
     max_in_flight = None
@@ -333,8 +333,6 @@ def install_guards(app, args, engine_client) -> None:
                          api_keys=keys, protect_metrics=args.protect_metrics,
                          kv_evict=getattr(args, "kv_evict", None) is not None)
     stats = _Stats()
-    from starlette.middleware import Middleware
-
     # vLLM's app has already built its middleware stack (SageMaker bootstrap), so
     # add_middleware() refuses: put ours first (outermost) and rebuild, as vLLM does.
     app.user_middleware.insert(0, Middleware(GuardMiddleware, config=config, stats=stats))
@@ -347,7 +345,7 @@ def install_guards(app, args, engine_client) -> None:
 
     engine_client.shutdown = shutdown_and_refuse_new
     try:
-        from vllm.v1.metrics.prometheus import get_prometheus_registry
+        from vllm.v1.metrics.prometheus import get_prometheus_registry  # as envs above
 
         get_prometheus_registry().register(stats)
     except ValueError:  # already registered (a second app in one process)

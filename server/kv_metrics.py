@@ -3,7 +3,7 @@ and one start-up log line.
 
 Static numbers come from the running engine (``cache_config.num_gpu_blocks``,
 ``block_size``, ``cache_dtype``, ``max_model_len``) and the model's config through
-:mod:`server.kv_memory`; live numbers (running / waiting users, KV usage) are read
+:mod:`engine.kv_layout`; live numbers (running / waiting users, KV usage) are read
 from vLLM's own gauges (``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
 ``vllm:kv_cache_usage_perc``) in the same Prometheus registry, so /metrics and
 /v1/kv-cache report what vLLM reports. Nothing here is a hand-typed constant.
@@ -29,17 +29,23 @@ factorkv_evict_physical_tokens             ... tokens physically in the cache (s
 
 Eviction numbers come from the engine process's scheduler (engine/eviction/stats.py);
 they are 0 on a server without ``--kv-evict``.
+
+`factorkv serve` calls :func:`install_kv_metrics` once vLLM's app state is initialised.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from vllm.v1.metrics.prometheus import get_prometheus_registry
 
-from server import routes
-from server.kv_memory import KVCapacity, kv_layout
+from engine.eviction.scheduler import CONFIG_KEY
+from engine.eviction.stats import read_stats
+from engine.kv_layout import KVCapacity, kv_layout
+from server.sizes import format_size
 
 router = APIRouter(tags=["factorkv"])
 
@@ -57,8 +63,6 @@ def engine_capacity(engine_client: Any) -> KVCapacity:
 
 def _vllm_gauge(name: str, model_name: str) -> float:
     """Sum of a vLLM gauge's samples for one model (all engines), read from the registry."""
-    from vllm.v1.metrics.prometheus import get_prometheus_registry
-
     collector = get_prometheus_registry()._names_to_collectors.get(name)
     if collector is None:
         return 0.0
@@ -77,9 +81,6 @@ def _model_name(engine_client: Any) -> str:
 
 def eviction_report(engine_client: Any) -> dict[str, Any]:
     """Eviction policy, totals and per running request logical vs physical tokens."""
-    from engine.eviction.scheduler import CONFIG_KEY
-    from engine.eviction.stats import read_stats
-
     extra = (engine_client.vllm_config.additional_config or {}).get(CONFIG_KEY)
     if not extra:
         return {"enabled": False}
@@ -165,8 +166,6 @@ class KVCacheCollector:
         return []  # computed at scrape time; skip the registry's describe-by-collect
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
         r = kv_cache_report(self.engine_client)
         live, ev = r["live"], r["eviction"]
         rows = [
@@ -218,8 +217,6 @@ class KVCacheCollector:
 def startup_line(engine_client: Any) -> str:
     """One line for the start-up log: bytes per token, capacity, gain at max_model_len."""
     r = kv_cache_report(engine_client)
-    from server.sizes import format_size
-
     return (f"factorkv: KV cache {r['bytes_per_token']} B/token (baseline "
             f"{r['baseline_bytes_per_token']} B/token, key cut {r['key_cache_cut']:.1%}); "
             f"{format_size(r['memory_bytes'])} holds {r['capacity_tokens']} tokens; "
@@ -228,15 +225,12 @@ def startup_line(engine_client: Any) -> str:
             f"for the baseline ({r['concurrency_gain']:.2f}x)")
 
 
-def _on_startup(app, engine_client) -> None:
-    from vllm.v1.metrics.prometheus import get_prometheus_registry
-
+def install_kv_metrics(app: FastAPI, engine_client: Any) -> None:
+    """Add GET /v1/kv-cache and the KV gauges to the served app, and print the start-up line
+    (called by `factorkv serve` after vLLM's init_app_state, before serving)."""
+    app.include_router(router)
     try:
         get_prometheus_registry().register(KVCacheCollector(engine_client))
     except ValueError:  # already registered in this process
         pass
     print(startup_line(engine_client), flush=True)
-
-
-routes.add_router(router)
-routes.add_startup_hook(_on_startup)

@@ -8,11 +8,11 @@ safetensors headers and raise :class:`~server.errors.CLIError` with one line.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 from server.errors import CLIError
+from server.sizes import format_size
 
 WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -27,7 +27,7 @@ def resolve_model(model: str) -> Path:
         return path
     if _HUB_ID.fullmatch(model) and not model.startswith("."):
         try:
-            from huggingface_hub import snapshot_download
+            from huggingface_hub import snapshot_download  # only for hub ids (import is slow)
 
             return Path(snapshot_download(model, local_files_only=True))
         except Exception:  # noqa: BLE001 - not cached / hub lib missing: same message
@@ -105,27 +105,28 @@ def _check_safetensors_file(f: Path) -> None:
 
 
 def _check_factored(path: Path):
-    """Factored (thin-key) checkpoints: the engine's own pre-flight check, when present.
-    Returns its FactoredKeysConfig (None for an ordinary model or without the engine)."""
-    try:
-        from engine.checkpoint import validate_checkpoint_dir
-    except ImportError:
-        return None
+    """Factored (thin-key) checkpoints: the engine's own pre-flight check.
+    Returns its FactoredKeysConfig (None for an ordinary model)."""
+    # engine.checkpoint imports torch: keep `factorkv --help` and the other commands fast.
+    from engine.checkpoint import validate_checkpoint_dir
+
     try:
         return validate_checkpoint_dir(path)
     except ValueError as e:
         raise CLIError(_one_line(e)) from None
 
 
-_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
 _MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
                  "max_sequence_length")
 
 
 def kv_bytes_per_token(path: Path, cfg: dict, dtype: str) -> int | None:
-    """KV cache bytes per token (all layers) for plain decoder configs and factored
-    checkpoints; None when the layout is not one this simple formula covers."""
-    nbytes = _DTYPE_BYTES.get(str(dtype))
+    """KV cache bytes per token (all layers, :mod:`engine.kv_layout`) for plain decoder
+    configs and factored checkpoints; None when the layout is not one this formula covers
+    or the dtype is not known (vLLM's ``auto``)."""
+    from engine.kv_layout import KVLayout, find_dtype_bytes  # torch: see _check_factored
+
+    nbytes = find_dtype_bytes(dtype)
     if nbytes is None:
         return None
     text = cfg.get("text_config") or {}
@@ -133,7 +134,7 @@ def kv_bytes_per_token(path: Path, cfg: dict, dtype: str) -> int | None:
         return None  # multimodal / sliding-window / hybrid / MLA: leave it to vLLM
     fk = _check_factored(path)
     if fk is not None:
-        return fk.kv_elements_per_token() * nbytes
+        return KVLayout.of_factored(fk, dtype).bytes_per_token
     layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
     heads = cfg.get("num_attention_heads", cfg.get("n_head"))
     hidden = cfg.get("hidden_size", cfg.get("n_embd"))
@@ -141,7 +142,7 @@ def kv_bytes_per_token(path: Path, cfg: dict, dtype: str) -> int | None:
     head_dim = cfg.get("head_dim") or (hidden // heads if hidden and heads else None)
     if not all(isinstance(v, int) and v > 0 for v in (layers, kv_heads, head_dim)):
         return None
-    return layers * kv_heads * 2 * head_dim * nbytes
+    return KVLayout.unfactored(layers, kv_heads, head_dim, nbytes).bytes_per_token
 
 
 def config_max_len(cfg: dict) -> int | None:
@@ -155,7 +156,7 @@ def check_kv_budget(path: Path, cfg: dict, *, budget: int, dtype: str, max_model
                     block_size: int) -> None:
     """One-line error when ``budget`` bytes cannot hold one ``max_model_len`` sequence
     (vLLM would fail the same way, but from its engine process, with a traceback)."""
-    from server.sizes import format_size
+    from engine.kv_layout import blocks_in_budget  # torch: see _check_factored
 
     if max_model_len is not None and max_model_len <= 0:
         return  # -1 / "auto": vLLM fits the length to the memory
@@ -166,7 +167,7 @@ def check_kv_budget(path: Path, cfg: dict, *, budget: int, dtype: str, max_model
         return
     per_block = per_token * block_size
     # vLLM's block pool keeps one block back (the null block), as its own check does.
-    fits = max(budget // per_block - 1, 0) * block_size
+    fits = max(blocks_in_budget(budget, block_size, per_token) - 1, 0) * block_size
     if fits >= max_len:
         return
     need = (-(-max_len // block_size) + 1) * per_block
@@ -184,7 +185,3 @@ def check_kv_budget(path: Path, cfg: dict, *, budget: int, dtype: str, max_model
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return text[:300] + ("..." if len(text) > 300 else "")
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from server.errors import CLIError
+
 HELP = "prepare the default model (SmolLM2-135M-Instruct) in the cache; prints its path"
 VARIANT_HELP = ("which build to prepare: thin-r16 (default: the calibrated factored-key model "
                 "`factorkv serve` serves), thin-r32, or original")
@@ -27,10 +29,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    # default_variants imports torch: only when this command runs (`factorkv --help` stays fast).
     from model_patches.conversion.default_model import DefaultModelError
     from model_patches.conversion.default_variants import DEFAULT_VARIANT, check_variant, prepare_variant
-
-    from server.errors import CLIError
 
     variant = args.variant or DEFAULT_VARIANT
     try:

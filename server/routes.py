@@ -1,56 +1,30 @@
 """FactorKV's own HTTP routes and Prometheus metrics, added on top of vLLM's OpenAI app.
 
 `factorkv serve` builds vLLM's app (``build_app`` + ``init_app_state``) and then calls
-:func:`install_factorkv_extensions` (app, engine_client). To add something:
-
-* an HTTP route: add it to :data:`router` here, or call ``add_router(my_router)``
-  at import time from another module (before the server starts);
-* a Prometheus collector: ``register_collector(my_collector)`` (any object with
-  ``collect()`` yielding metric families, see prometheus_client's custom collectors);
-  it is exported by vLLM's own ``GET /metrics``;
-* anything else needing the engine: ``add_startup_hook(fn)`` with
-  ``fn(app, engine_client)``, called once after init_app_state.
+:func:`install_factorkv_extensions` (app, engine_client) here and
+:func:`server.kv_metrics.install_kv_metrics`. To add a route, add it to :data:`router`
+(or a router of your own module, installed from ``server.http_server.build_and_serve``); to add
+a Prometheus collector (an object whose ``collect()`` yields metric families), register it
+in :func:`install_factorkv_extensions`: vLLM's own ``GET /metrics`` exports it.
 
 Avoid paths under ``/metrics`` (vLLM mounts that prefix) and ``/v1`` (OpenAI API).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
+from prometheus_client.core import GaugeMetricFamily
+from vllm.v1.metrics.prometheus import get_prometheus_registry
 
 #: Routes of FactorKV itself; included into vLLM's app by install_factorkv_extensions.
 router = APIRouter(tags=["factorkv"])
 
-_extra_routers: list[APIRouter] = []
-_collectors: list[Any] = []
-_startup_hooks: list[Callable[[FastAPI, Any], None]] = []
-
-
-def add_router(r: APIRouter) -> None:
-    """Include another APIRouter in the served app."""
-    if r not in _extra_routers:
-        _extra_routers.append(r)
-
-
-def register_collector(collector: Any) -> None:
-    """Export a prometheus_client collector through vLLM's /metrics."""
-    if collector not in _collectors:
-        _collectors.append(collector)
-
-
-def add_startup_hook(fn: Callable[[FastAPI, Any], None]) -> None:
-    """Run ``fn(app, engine_client)`` after vLLM's app state is initialised."""
-    if fn not in _startup_hooks:
-        _startup_hooks.append(fn)
-
 
 def server_info(engine_client: Any) -> dict[str, Any]:
     """What the running server is: model, dtype and the KV cache capacity vLLM allocated."""
-    from importlib.metadata import PackageNotFoundError, version
-
     cfg = engine_client.vllm_config
     cache = cfg.cache_config
     model = cfg.model_config
@@ -97,8 +71,6 @@ class _InfoCollector:
         self.engine_client = engine_client
 
     def collect(self):
-        from prometheus_client.core import GaugeMetricFamily
-
         info = server_info(self.engine_client)
         name = str(info["served_model_name"])
         kv = info["kv_cache"]
@@ -113,20 +85,10 @@ class _InfoCollector:
 
 
 def install_factorkv_extensions(app: FastAPI, engine_client: Any) -> None:
-    """Called by `factorkv serve` right after vLLM's init_app_state (before serving)."""
-    from vllm.v1.metrics.prometheus import get_prometheus_registry
-
-    import server.kv_metrics  # noqa: F401  (registers /v1/kv-cache, the KV gauges, the log line)
-
+    """Add GET /factorkv/info and the capacity gauges (called by `factorkv serve` right
+    after vLLM's init_app_state, before serving)."""
     app.include_router(router)
-    for r in _extra_routers:
-        app.include_router(r)
-
-    registry = get_prometheus_registry()
-    for collector in [_InfoCollector(engine_client), *_collectors]:
-        try:
-            registry.register(collector)
-        except ValueError:  # already registered (duplicate names): keep the first
-            pass
-    for fn in _startup_hooks:
-        fn(app, engine_client)
+    try:
+        get_prometheus_registry().register(_InfoCollector(engine_client))
+    except ValueError:  # already registered (duplicate names): keep the first
+        pass

@@ -1,5 +1,6 @@
 """Byte sizes from the command line: `268435456`, `1e9`, `256MiB`, `4GiB`, `1.5GB`, `512M`."""
 
+import argparse
 import re
 
 _DECIMAL = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
@@ -35,6 +36,14 @@ def parse_size(text: str) -> int:
     if value < 1:
         raise ValueError(f"invalid size {text!r}: must be at least 1 byte")
     return value
+
+
+def size_arg(text: str) -> int:
+    """argparse ``type=`` for a size option: :func:`parse_size`, errors as argparse usage errors."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def format_size(n: int) -> str:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model_patches.conversion.calibration_data import calibration_windows, chat_windows
-from model_patches.evaluation.text_sets import split
+from model_patches.text_sets import split
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from engine.checkpoint import FactoredCheckpointError, FactoredKeysConfig, validate_checkpoint_dir
+from engine.kv_layout import KVLayout
 from model_patches.conversion.checkpoint_writer import (ConversionError, write_full_rank,
                                                write_rotary_pair_subset)
 from tests.engine_utils import tiny_gpt2, tiny_llama
@@ -42,7 +43,8 @@ def test_valid_checkpoint_roundtrip(thin_llama):
     again = FactoredKeysConfig.from_hf_config({**cfg, "factored_keys": fk.to_block()})
     assert again.ranks == fk.ranks and again.softmax_scale == fk.softmax_scale
     assert all((a == b).all() for a, b in zip(again.inv_freq, fk.inv_freq))
-    assert fk.kv_elements_per_token() * 64 == fk.baseline_kv_elements_per_token() * 40
+    kv = KVLayout.of_factored(fk, "fp16")
+    assert kv.bytes_per_token * 64 == kv.baseline_bytes_per_token * 40
 
 
 @pytest.mark.parametrize("field", ["key_rank", "head_dim", "rotary_inv_freq", "method",

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from engine.reference import FactoredReference
+from engine.torch_model import TorchCausalLM
 from model_patches.conversion.convert import convert
 from tests.engine_utils import ROOT, run_vllm
 
@@ -61,7 +61,7 @@ SMALL = dict(stat_tokens=4 * 512, progress=False)
 @pytest.mark.parametrize("init", ["best-pairs", "partial-rope"])
 def test_full_rank_conversion_reproduces_llama(sources, tmp_path, init):
     convert(sources["llama"], tmp_path / "fr", key_rank=16, init=init, **SMALL)
-    diff = (FactoredReference(tmp_path / "fr")(IDS) - _logits(sources["llama"], IDS)).abs().max()
+    diff = (TorchCausalLM.from_dir(tmp_path / "fr")(IDS) - _logits(sources["llama"], IDS)).abs().max()
     assert diff < 1e-4
 
 
@@ -69,7 +69,7 @@ def test_no_rope_rank_r_keys_convert_exactly(sources, tmp_path):
     """GPT-2 without RoPE, key heads of rank 4: conversion at r = 4 is exact algebra."""
     s = convert(sources["gpt2"], tmp_path / "r4", key_rank=4, **SMALL)
     assert s.ranks == [4, 4]
-    diff = (FactoredReference(tmp_path / "r4")(IDS) - _logits(sources["gpt2"], IDS)).abs().max()
+    diff = (TorchCausalLM.from_dir(tmp_path / "r4")(IDS) - _logits(sources["gpt2"], IDS)).abs().max()
     assert diff < 1e-3
 
 
@@ -81,7 +81,7 @@ def test_converted_models_serve_through_engine(sources, tmp_path):
         out = run_vllm(dst, [[{"prompt": prompt, "max_tokens": 6}]], tmp_path,
                        kv_cache_memory_bytes=32 << 20, block_size=16)
         got = out["rounds"][0][0]["tokens"]
-        ref = FactoredReference(dst)(torch.tensor(prompt + got))
+        ref = TorchCausalLM.from_dir(dst)(torch.tensor(prompt + got))
         assert got == ref[len(prompt) - 1:-1].argmax(-1).tolist(), name
 
 
@@ -98,13 +98,12 @@ def test_calibration_reduces_layer_error_and_resumes(sources, tmp_path):
     # resume: a progress file for layer 1 is picked up (same fingerprint) and finishes the rest
     from model_patches.conversion import calibrate as C
     calls = []
-    real = C._Layer
+    real = C.calibrate_layer
 
-    class Spy(real):
-        def __init__(self, model, family, i, hidden):
-            calls.append(i)
-            super().__init__(model, family, i, hidden)
-    C._Layer = Spy
+    def spy(teacher, student, i, *args, **kwargs):
+        calls.append(i)
+        return real(teacher, student, i, *args, **kwargs)
+    C.calibrate_layer = spy
     try:
         orig_save = torch.save
 
@@ -122,7 +121,7 @@ def test_calibration_reduces_layer_error_and_resumes(sources, tmp_path):
                 calibrate=True, calibration=cal, **SMALL)
     finally:
         torch.save = orig_save
-        C._Layer = real
+        C.calibrate_layer = real
     assert calls == [0, 1]                                    # layer 0 was not redone
     assert (tmp_path / "cal2" / "config.json").exists()
 

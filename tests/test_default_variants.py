@@ -84,14 +84,15 @@ def test_default_variant_is_a_usable_model(default_model_dir, default_variant_di
     tokens within 2x the original's, and a sensible chat answer."""
     from transformers import AutoTokenizer
 
-    from model_patches.evaluation.tasks import ThinLM, eval_windows, greedy_chat, perplexity
-    from model_patches.evaluation.text_sets import token_stream
+    from engine.torch_model import TorchCausalLM
+    from model_patches.evaluation.tasks import eval_windows, greedy_chat, perplexity
+    from model_patches.text_sets import token_stream
 
     tok = AutoTokenizer.from_pretrained(default_model_dir)
     windows = eval_windows(token_stream(tok, "evaluation"), 512, 4 * 512)
-    ppl = {name: perplexity(ThinLM.from_dir(path).eval(), windows)["ppl"]
+    ppl = {name: perplexity(TorchCausalLM.from_dir(path).eval(), windows)["ppl"]
            for name, path in (("original", default_model_dir), ("thin", default_variant_dir))}
     assert ppl["thin"] < 2 * ppl["original"], ppl
-    answer = greedy_chat(ThinLM.from_dir(default_variant_dir).eval(), tok,
+    answer = greedy_chat(TorchCausalLM.from_dir(default_variant_dir).eval(), tok,
                          prompts=("What is the capital of France?",), max_new=12)[0]["answer"]
     assert "Paris" in answer, answer

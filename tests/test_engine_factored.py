@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from engine.reference import FactoredReference
+from engine.torch_model import TorchCausalLM
 from model_patches.conversion.checkpoint_writer import write_rotary_pair_subset
 from tests.engine_utils import max_logprob_error, run_vllm, tiny_gpt2, tiny_llama
 
@@ -66,7 +66,7 @@ def test_vllm_matches_reference(tiny_models, tmp_path, name, block_size, kernel)
                    kv_cache_memory_bytes=32 << 20, enable_prefix_caching=True,
                    max_num_batched_tokens=64, max_num_seqs=8,
                    env={"FACTORKV_CPU_KERNEL": "0" if kernel == "torch" else "1"})
-    ref = FactoredReference(path)
+    ref = TorchCausalLM.from_dir(path)
     requests = [(r, o) for rnd, outs in zip([round1, round2], out["rounds"])
                 for r, o in zip(rnd, outs)]
     for req, got in requests:

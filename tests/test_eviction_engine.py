@@ -20,8 +20,8 @@ import math
 import pytest
 import torch
 
-from engine.eviction.policy import EvictionPolicy
-from engine.reference import FactoredReference
+from engine.eviction.policy import L2NormPolicy as EvictionPolicy
+from engine.torch_model import TorchCausalLM
 from model_patches.conversion.checkpoint_writer import write_full_rank, write_rotary_pair_subset
 from tests.engine_utils import max_logprob_error, run_vllm, tiny_llama
 
@@ -64,7 +64,7 @@ def _prompt(n: int, seed: int) -> list[int]:
     return (torch.randperm(VOCAB - 3, generator=g)[:n] + 3).tolist()
 
 
-def _check(ref: FactoredReference, prompt: list[int], got: dict, keep: float) -> None:
+def _check(ref: TorchCausalLM, prompt: list[int], got: dict, keep: float) -> None:
     ids = torch.tensor(prompt + got["tokens"])
     policy = EvictionPolicy(keep=keep, sink=SINK, window=WINDOW)
     logits = ref.forward(ids, evict=(policy, len(prompt))) if policy.enabled else ref(ids)
@@ -89,7 +89,7 @@ def test_eviction_matches_reference_and_frees_blocks(models, tmp_path, name):
     ]
     keeps = [[0.5], [0.5, 0.25, 1.0, 0.5], [1.0, 0.5]]
     out = run_vllm(served, rounds, tmp_path, trace=True, **ENGINE, **evict_engine(0.5))
-    ref = FactoredReference(reference)
+    ref = TorchCausalLM.from_dir(reference)
     for rnd, outs, ks in zip(rounds, out["rounds"], keeps):
         for req, got, keep in zip(rnd, outs, ks):
             _check(ref, req["prompt"], got, keep)

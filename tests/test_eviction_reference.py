@@ -1,17 +1,17 @@
-"""The plain-torch eviction reference (engine.reference, ``forward(ids, evict=(policy, L))``)
+"""The plain-torch eviction reference (engine.torch_model, ``forward(ids, evict=(policy, L))``)
 against implementations that literally compact a KV cache after prefill and decode on it:
 transformers' own Llama with a gathered DynamicCache and explicit positions, and the quality
-benchmark's ThinLM path (model_patches.evaluation.eviction_quality). Tiny random models, a few seconds."""
+benchmark's TorchCausalLM path (model_patches.evaluation.eviction_quality). Tiny random models, a few seconds."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine.eviction.policy import EvictionPolicy
-from engine.reference import FactoredReference, evict_mask, greedy_with_eviction
-from model_patches.evaluation.eviction_quality import evict_cache, greedy_on_cache, run_on_cache
-from model_patches.evaluation.tasks import ThinLM
+from engine.eviction.policy import L2NormPolicy as EvictionPolicy
+from engine.torch_model import TorchCausalLM, greedy_with_eviction
+from model_patches.evaluation.eviction_quality.run import greedy_on_cache, run_on_cache
+from model_patches.evaluation.eviction_quality.settings import evict_cache
 from model_patches.conversion.checkpoint_writer import write_full_rank, write_rotary_pair_subset
 from tests.engine_utils import tiny_gpt2, tiny_llama
 
@@ -60,7 +60,7 @@ def _hf_compacted_greedy(src, prompt: list[int], policy: EvictionPolicy, n_new: 
 
 
 def test_keep_one_and_short_prompts_change_nothing(models):
-    ref = FactoredReference(models["full"])
+    ref = TorchCausalLM.from_dir(models["full"])
     ids = torch.tensor(_ids(90, 1))
     plain = ref(ids)
     assert torch.equal(ref(ids, evict=(EvictionPolicy(keep=1.0), 60)), plain)
@@ -78,18 +78,18 @@ def test_policy_edges_in_the_mask():
     k = torch.randn(50, 3, 8)
     p = EvictionPolicy(keep=0.1, sink=SINK, window=WINDOW)
     # one token more than sink + window: the single middle token goes, sink and window stay
-    m = evict_mask(p, k, SINK + WINDOW + 1)
+    m = p.keep_mask(k, SINK + WINDOW + 1)
     assert m.sum(1).tolist() == [50 - 1] * 3
     assert m[:, :SINK].all() and m[:, 1 + SINK:].all() and not m[:, SINK].any()
-    m = evict_mask(p, k, 40)          # 40 prompt tokens: keep max(20, 4) = 20, all later kept
+    m = p.keep_mask(k, 40)            # 40 prompt tokens: keep max(20, 4) = 20, all later kept
     assert m[:, :40].sum(1).tolist() == [20] * 3 and m[:, 40:].all()
-    m = evict_mask(EvictionPolicy(keep=0.75, sink=SINK, window=WINDOW), k, 40)   # 30 kept
+    m = EvictionPolicy(keep=0.75, sink=SINK, window=WINDOW).keep_mask(k, 40)     # 30 kept
     assert m[:, :40].sum(1).tolist() == [30] * 3 and m[:, :SINK].all() and m[:, 40 - WINDOW:].all()
     norms = k[:40].norm(dim=-1).T     # the kept middle tokens are the lowest-norm ones
     for h in range(3):
         kept = m[h, SINK:40 - WINDOW]
         assert norms[h, SINK:40 - WINDOW][kept].max() <= norms[h, SINK:40 - WINDOW][~kept].min()
-    assert evict_mask(EvictionPolicy(keep=0.5, sink=0, window=0), k, 10).sum(1).tolist() == [45] * 3
+    assert EvictionPolicy(keep=0.5, sink=0, window=0).keep_mask(k, 10).sum(1).tolist() == [45] * 3
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.25])
@@ -97,7 +97,7 @@ def test_reference_equals_hf_compacted_cache(models, keep):
     policy = EvictionPolicy(keep=keep, sink=SINK, window=WINDOW)
     prompt = _ids(120, 2)
     hf_toks, hf_logits = _hf_compacted_greedy(models["src"], prompt, policy, 10)
-    ref = FactoredReference(models["full"])
+    ref = TorchCausalLM.from_dir(models["full"])
     toks, lps = greedy_with_eviction(ref, prompt, policy, 10)
     assert toks == hf_toks
     logits = ref(torch.tensor(prompt + toks), evict=(policy, len(prompt)))[len(prompt) - 1:-1]
@@ -115,9 +115,9 @@ def test_reference_equals_thinlm_compacted_cache(models, name):
     policy = EvictionPolicy(keep=0.3, sink=SINK, window=WINDOW)
     ids = _ids(160, 3)
     n = 100
-    ref = FactoredReference(models[name])
+    ref = TorchCausalLM.from_dir(models[name])
     expect = ref(torch.tensor(ids), evict=(policy, n))
-    lm = ThinLM.from_dir(models[name]).eval()
+    lm = TorchCausalLM.from_dir(models[name]).eval()
     cache: list = []
     with torch.no_grad():
         pre = lm.logits(lm.hidden_states(torch.tensor([ids[:n]]), cache))[0]
@@ -133,7 +133,7 @@ def test_reference_equals_thinlm_compacted_cache(models, name):
 
 def test_gpt2_reference_keep_one(tmp_path):
     from model_patches.conversion.checkpoint_writer import write_full_rank as full
-    ref = FactoredReference(full(tiny_gpt2(tmp_path / "g"), tmp_path / "gf"))
+    ref = TorchCausalLM.from_dir(full(tiny_gpt2(tmp_path / "g"), tmp_path / "gf"))
     ids = torch.tensor(_ids(80, 4))
     plain = ref(ids)
     assert torch.equal(ref(ids, evict=(EvictionPolicy(keep=1.0), 50)), plain)
@@ -143,10 +143,10 @@ def test_gpt2_reference_keep_one(tmp_path):
 
 def test_benchmark_skip_layers_variation(models):
     """Setting(skip_layers=N): the first N layers keep their cache (per-layer cache lengths)."""
-    from model_patches.evaluation.eviction_quality import Setting
+    from model_patches.evaluation.eviction_quality.settings import Setting
     policy = EvictionPolicy(keep=0.3, sink=SINK, window=WINDOW)
     ids, n = _ids(140, 5), 100
-    lm = ThinLM.from_dir(models["full"]).eval()
+    lm = TorchCausalLM.from_dir(models["full"]).eval()
     cache: list = []
     with torch.no_grad():
         lm.hidden_states(torch.tensor([ids[:n]]), cache)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from engine.eviction.policy import EvictionPolicy
+from engine.eviction.policy import L2NormPolicy as EvictionPolicy
 
 pytestmark = pytest.mark.slow
 

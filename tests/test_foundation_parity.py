@@ -1,6 +1,6 @@
 """vLLM (through `factorkv serve`) greedy tokens == a plain-torch reference of the same
 checkpoint: Hugging Face transformers for the original default model (``--variant
-original``), model_patches.evaluation.tasks.ThinLM for the calibrated factored build the README
+original``), model_patches.evaluation.tasks.TorchCausalLM for the calibrated factored build the README
 path serves.
 
 Both float32, three fixed prompts, 32 new tokens each (EOS ignored). The prompts go to the
@@ -59,7 +59,8 @@ def test_default_variant_greedy_matches_torch_reference(default_server, default_
     import torch
     from transformers import AutoTokenizer
 
-    from model_patches.evaluation.tasks import ThinLM, greedy
+    from engine.torch_model import TorchCausalLM
+    from model_patches.evaluation.tasks import greedy
 
     info = default_server.get_json("/factorkv/info")
     assert info["architectures"] == ["FactoredLlamaForCausalLM"]
@@ -68,7 +69,7 @@ def test_default_variant_greedy_matches_torch_reference(default_server, default_
     with ThreadPoolExecutor(len(prompts)) as pool:
         futures = [pool.submit(_served_greedy, default_server, p) for p in prompts]
         torch.set_num_threads(1)
-        model = ThinLM.from_dir(default_variant_dir).eval()
+        model = TorchCausalLM.from_dir(default_variant_dir).eval()
         with torch.no_grad():
             ref = [greedy(model, p, NEW_TOKENS) for p in prompts]
         got = [f.result() for f in futures]

@@ -35,12 +35,12 @@ def test_cpu_platform_selects_factorkv_backend():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_factored_model_on_gpu(tmp_path):
-    from engine.reference import FactoredReference
+    from engine.torch_model import TorchCausalLM
     from model_patches.conversion.checkpoint_writer import write_rotary_pair_subset
     from tests.engine_utils import run_vllm, tiny_llama
     thin = write_rotary_pair_subset(tiny_llama(tmp_path / "src"), tmp_path / "thin", 8)
     prompt = list(range(3, 60))
     out = run_vllm(thin, [[{"prompt": prompt, "max_tokens": 8}]], tmp_path,
                    kv_cache_memory_bytes=64 << 20)
-    ref = FactoredReference(thin)(torch.tensor(prompt + out["rounds"][0][0]["tokens"]))
+    ref = TorchCausalLM.from_dir(thin)(torch.tensor(prompt + out["rounds"][0][0]["tokens"]))
     assert out["rounds"][0][0]["tokens"] == ref[len(prompt) - 1:-1].argmax(-1).tolist()

@@ -24,7 +24,7 @@ import torch
 from model_patches.conversion.convert import convert
 from model_patches.conversion.checkpoint_writer import ConversionError
 from model_patches.conversion.head_merge import groups, merge_kv_heads
-from model_patches.evaluation.text_sets import token_stream
+from model_patches.text_sets import token_stream
 from tests.engine_utils import ROOT
 
 VOCAB = 49152          # the default model's tokenizer, so the converter reads real text
@@ -191,7 +191,7 @@ def test_merged_model_served_by_stock_vllm(default_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_merge_then_factor_loads_in_factorkv_engine(default_model_dir, tmp_path):
-    from engine.reference import FactoredReference
+    from engine.torch_model import TorchCausalLM
     from tests.engine_utils import run_vllm
     src = structured_llama(tmp_path / "src", default_model_dir, heads=4, kv_heads=4, n=2,
                            hidden=128)
@@ -209,7 +209,7 @@ def test_merge_then_factor_loads_in_factorkv_engine(default_model_dir, tmp_path)
     out = run_vllm(s.dst, [[{"prompt": prompt, "max_tokens": 8}]], tmp_path,
                    kv_cache_memory_bytes=mem, block_size=16)
     got = out["rounds"][0][0]["tokens"]
-    ref = FactoredReference(s.dst)(torch.tensor(prompt + got))
+    ref = TorchCausalLM.from_dir(s.dst)(torch.tensor(prompt + got))
     assert got == ref[len(prompt) - 1:-1].argmax(-1).tolist()
     assert abs(out["kv_cache_tokens"] - mem // (2 * 2 * 40 * 4)) <= 16
 
@@ -264,30 +264,31 @@ def test_bad_kv_heads_in_process(default_model_dir, tmp_path, capsys):
 def test_quality_variant_names_and_pareto_report(default_model_dir, tmp_path, monkeypatch):
     """`factorkv eval` builds merge-* variants with convert(); the report has the KV bytes vs
     perplexity table (Pareto front starred) and writes the plot next to it."""
-    from model_patches.evaluation import quality as Q
-    assert Q.parse_variant("original") == {}
-    assert Q.parse_variant("cal-r16") == {"calibrate": True, "key_rank": 16}
-    assert Q.parse_variant("merge-kv1") == {"kv_heads": 1}
-    assert Q.parse_variant("merge-kv1-real") == {"kv_heads": 1, "merge_keys": "real"}
-    assert Q.parse_variant("merge-kv1-r32") == {"kv_heads": 1, "key_rank": 32}
-    assert Q.parse_variant("merge-kv2-real-cal-r8") == {"kv_heads": 2, "merge_keys": "real",
+    from model_patches.evaluation.quality import report as R
+    from model_patches.evaluation.quality import variants as V
+    assert V.parse_variant("original") == {}
+    assert V.parse_variant("cal-r16") == {"calibrate": True, "key_rank": 16}
+    assert V.parse_variant("merge-kv1") == {"kv_heads": 1}
+    assert V.parse_variant("merge-kv1-real") == {"kv_heads": 1, "merge_keys": "real"}
+    assert V.parse_variant("merge-kv1-r32") == {"kv_heads": 1, "key_rank": 32}
+    assert V.parse_variant("merge-kv2-real-cal-r8") == {"kv_heads": 2, "merge_keys": "real",
                                                         "calibrate": True, "key_rank": 8}
-    assert Q.parse_variant("merge-kv1-rec-cal-r32") == {"kv_heads": 1, "recover": {},
+    assert V.parse_variant("merge-kv1-rec-cal-r32") == {"kv_heads": 1, "recover": {},
                                                         "calibrate": True, "key_rank": 32}
-    assert Q.parse_variant("merge-kv1-rec150-r16") == {"kv_heads": 1, "key_rank": 16,
+    assert V.parse_variant("merge-kv1-rec150-r16") == {"kv_heads": 1, "key_rank": 16,
                                                        "recover": {"e2e_steps": 150}}
     for name, base in (("merge-kv1-rec150-cal-r32", "merge-kv1-rec150"),
                        ("merge-kv2-real-rec-r8", "merge-kv2-real-rec"),
                        ("merge-kv1-r32", "merge-kv1")):
-        assert Q._merged_name(Q.parse_variant(name)) == base
+        assert V.merged_name(V.parse_variant(name)) == base
     for bad in ("merge", "merge-kv", "merge-kv1-imag", "merge-kv1-r", "cal-16", "bogus",
                 "merge-kv1-cal", "merge-kv1-rec-real"):
-        assert Q.parse_variant(bad) is None, bad
-    assert Q.pareto_front([(3, 10.0), (1, 30.0), (2, 12.0), (2, 40.0), (3, 11.0)]) == [1, 2, 0]
+        assert V.parse_variant(bad) is None, bad
+    assert R.pareto_front([(3, 10.0), (1, 30.0), (2, 12.0), (2, 40.0), (3, 11.0)]) == [1, 2, 0]
 
     src = structured_llama(tmp_path / "src", default_model_dir, heads=4, kv_heads=4, n=2)
     root = tmp_path / "work"
-    merged = Q.resolve_variant("merge-kv2", root, src, {}, progress=False)
+    merged = V.resolve_variant("merge-kv2", root, src, {}, progress=False)
     assert json.loads((merged / "config.json").read_text())["num_key_value_heads"] == 2
     # merged then factored: built from the cached merged variant (not merged again)
     import model_patches.conversion.head_merge as HM
@@ -295,10 +296,10 @@ def test_quality_variant_names_and_pareto_report(default_model_dir, tmp_path, mo
     def no_merge(*a, **k):
         raise AssertionError("merge-kv2-r4 merged the source again")
     monkeypatch.setattr(HM, "merge_kv_heads", no_merge)
-    both = Q.resolve_variant("merge-kv2-r4", root, src, {}, progress=False)
+    both = V.resolve_variant("merge-kv2-r4", root, src, {}, progress=False)
     cfg = json.loads((both / "config.json").read_text())
     assert cfg["num_key_value_heads"] == 2 and cfg["factored_keys"]["key_rank"] == 4
-    assert Q._ckpt_info(both)["method"] == "kv-merge-complex+partial-rope"
+    assert R.ckpt_info(both)["method"] == "kv-merge-complex+partial-rope"
     assert sorted(p.name for p in (root / "models").iterdir()) == ["merge-kv2", "merge-kv2-r4"]
     thin = convert(src, tmp_path / "r4", key_rank=4, **SMALL).dst
     ppl = lambda v: {"ppl": v, "tokens_scored": 63, "seconds": 1.0}   # noqa: E731
@@ -308,7 +309,7 @@ def test_quality_variant_names_and_pareto_report(default_model_dir, tmp_path, mo
     opts = {"contexts": [64], "eval_tokens": 64, "vllm_variant": None, "vllm_ctx": 64,
             "passkey_n": {}, "passkey_lengths": [], "seed": 0}
     out = tmp_path / "docs" / "q.md"
-    Q.write_report(out, ["original", "merge-kv2", "init-r4"],
+    R.write_report(out, ["original", "merge-kv2", "init-r4"],
                    {"original": src, "merge-kv2": merged, "init-r4": thin}, metrics, opts,
                    "factorkv eval", 1.0)
     text = out.read_text()
@@ -316,5 +317,5 @@ def test_quality_variant_names_and_pareto_report(default_model_dir, tmp_path, mo
     assert "| original | original | 4 | 16 | 512 | 1.000 (1.00x fewer) | 10.000 | – | ★ |" in text
     assert "| merge-kv2 | kv-merge-complex | 2 | 16 | 256 | 0.500 (2.00x fewer) | 10.500 | +5.0% | ★ |" in text
     assert "| init-r4 | partial-rope | 4 | 4 | 320 | 0.625 (1.60x fewer) | 12.000 | +20.0% |  |" in text
-    png = out.parent / Q.PARETO_PNG
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({Q.PARETO_PNG})" in text
+    png = out.parent / R.PARETO_PNG
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({R.PARETO_PNG})" in text

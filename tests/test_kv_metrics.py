@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from server.kv_memory import KVCapacity, KVLayout, kv_layout, users_at_context
+from engine.kv_layout import KVCapacity, KVLayout, kv_layout, users_at_context
 from tests.engine_utils import ROOT
 
 VOCAB = 49152  # the default model's tokenizer, so the tiny models can be served over HTTP

@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from engine.reference import FactoredReference
+from engine.torch_model import TorchCausalLM, crop_cache
 from model_patches.evaluation import tasks as E
 from model_patches.conversion.checkpoint_writer import write_rotary_pair_subset
 from tests.engine_utils import tiny_llama
+from tests.oracle import oracle_logits
 
 
 @pytest.fixture(scope="module")
@@ -30,25 +31,25 @@ def _hf_logits(path, ids):
 IDS = torch.randint(3, 256, (3, 40), generator=torch.Generator().manual_seed(0))
 
 
-def test_thinlm_original_matches_transformers(tiny):
+def test_torch_model_original_matches_transformers(tiny):
     src, _ = tiny
     with torch.no_grad():
-        got = E.ThinLM.from_dir(src)(IDS)
+        got = TorchCausalLM.from_dir(src)(IDS)
     assert (got - _hf_logits(src, IDS)).abs().max() < 1e-4
 
 
-def test_thinlm_factored_matches_reference_and_cache(tiny):
+def test_torch_model_factored_matches_oracle_and_cache(tiny):
     _, thin = tiny
-    m, ref = E.ThinLM.from_dir(thin), FactoredReference(thin)
+    m = TorchCausalLM.from_dir(thin)
     with torch.no_grad():
         full = m(IDS)
         for b in range(len(IDS)):
-            assert (full[b] - ref(IDS[b])).abs().max() < 1e-4
+            assert (full[b] - oracle_logits(thin, IDS[b])).abs().max() < 1e-4
         cache: list = []
         m.hidden_states(IDS[:, :25], cache)                  # prefix, then the rest with the cache
         rest = m.logits(m.hidden_states(IDS[:, 25:], cache))
         assert (rest - full[:, 25:]).abs().max() < 1e-4
-        cropped = E.crop_cache(cache, 10)                    # a cropped cache = a shorter prefix
+        cropped = crop_cache(cache, 10)                    # a cropped cache = a shorter prefix
         again = m.logits(m.hidden_states(IDS[:, 10:], list(cropped)))
         assert (again - full[:, 10:]).abs().max() < 1e-4
         assert cache[0][0].shape[2] == 40                    # cropping did not touch the original
@@ -59,7 +60,7 @@ def test_perplexity_is_exp_of_mean_nll_by_hand(tiny):
     stream = torch.randint(3, 256, (500,), generator=torch.Generator().manual_seed(1)).tolist()
     windows = E.eval_windows(stream, 64, 300)                # ceil(300/64) = 5 windows
     assert windows.shape == (5, 64) and windows.flatten().tolist() == stream[:320]
-    got = E.perplexity(E.ThinLM.from_dir(src), windows, batch=2)
+    got = E.perplexity(TorchCausalLM.from_dir(src), windows, batch=2)
     logits = _hf_logits(src, windows)
     nll, n = 0.0, 0
     for w in range(5):
@@ -108,7 +109,7 @@ def test_extract_passkey():
 def test_passkey_accuracy_with_shared_prefix_equals_plain_greedy(tiny, tok):
     """The cached-prefix path gives the same greedy tokens as a forward of the whole prompt."""
     src, _ = tiny
-    m = E.ThinLM.from_dir(src)
+    m = TorchCausalLM.from_dir(src)
     prompts = E.passkey_prompts(tok, 160, 3, seed=0)
     for p in prompts:                      # the tiny model has a 256-token vocabulary
         p.ids = [i % 256 for i in p.ids]
@@ -123,7 +124,7 @@ def test_passkey_accuracy_with_shared_prefix_equals_plain_greedy(tiny, tok):
 
 
 def test_report_lists_every_variant(tmp_path, tiny):
-    from model_patches.evaluation.quality import write_report
+    from model_patches.evaluation.quality.report import write_report
     src, thin = tiny
     ppl = lambda v: {"ppl": v, "tokens_scored": 63, "window_nll": [63 * math.log(v)],  # noqa: E731
                      "seconds": 1.0}
@@ -150,7 +151,7 @@ def test_vllm_prompt_nll_matches_torch(tiny, tmp_path):
     from model_patches.evaluation import vllm_check as evaluate_vllm
     _, thin = tiny
     windows = torch.randint(3, 256, (3, 48), generator=torch.Generator().manual_seed(2))
-    ref = E.window_nll(E.ThinLM.from_dir(thin), windows).double()
+    ref = E.window_nll(TorchCausalLM.from_dir(thin), windows).double()
     out = evaluate_vllm.run(thin, windows.tolist(), tmp_path, kv_cache_memory_bytes=32 << 20,
                             block_size=16)
     got = torch.tensor(out["nll"], dtype=torch.float64)
@@ -177,7 +178,7 @@ def test_passkey_through_vllm_equals_torch(tiny, tok, tmp_path):
     for p in prompts:
         p.ids = [i % 256 for i in p.ids]
     for ckpt in (thin,):
-        a = E.passkey_accuracy(E.ThinLM.from_dir(ckpt), tok, prompts, max_new=5)
+        a = E.passkey_accuracy(TorchCausalLM.from_dir(ckpt), tok, prompts, max_new=5)
         b = E.passkey_accuracy_vllm(ckpt, tok, prompts, tmp_path / ckpt.name, max_new=5)
         assert [r["output"] for r in a["rows"]] == [r["output"] for r in b["rows"]]
 
@@ -212,22 +213,22 @@ def test_calibration_learned_freq_and_e2e_pass(default_model_dir, tmp_path):
     assert not (tmp_path / ".cal.calib").exists()
     ids = torch.randint(3, 49152, (1, 40), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        diff = (E.ThinLM.from_dir(s.dst)(ids)[0] - FactoredReference(s.dst)(ids[0])).abs().max()
+        diff = (TorchCausalLM.from_dir(s.dst)(ids)[0] - oracle_logits(s.dst, ids[0])).abs().max()
     assert diff < 1e-4
     # the e2e pass alone, on an existing checkpoint (layer-wise stage not repeated)
-    from model_patches.conversion.calibrate import e2e_checkpoint
+    from model_patches.conversion.distill import e2e_checkpoint
     out = e2e_checkpoint(src, plain.dst, tmp_path / "e2e", progress=False, e2e_steps=2,
                          e2e_seq_len=32, e2e_batch=2)
     fk2 = json.loads((out / "config.json").read_text())["factored_keys"]
     assert fk2["method"].endswith("+e2e") and fk2["calibration"]["e2e"]["steps"] == 2
     assert fk2["rotary_inv_freq"] == fk0["rotary_inv_freq"]
     with torch.no_grad():
-        diff = (E.ThinLM.from_dir(out)(ids)[0] - FactoredReference(out)(ids[0])).abs().max()
+        diff = (TorchCausalLM.from_dir(out)(ids)[0] - oracle_logits(out, ids[0])).abs().max()
     assert diff < 1e-4 and not (tmp_path / ".e2e.calib").exists()
 
 
 def test_served_variant_names():
-    from model_patches.evaluation.quality import parse_variant, variant_priority
+    from model_patches.evaluation.quality.variants import parse_variant, variant_priority
 
     assert parse_variant("served-r16") == {"served_rank": 16}
     assert parse_variant("served-16") is None and parse_variant("served-r16-x") is None

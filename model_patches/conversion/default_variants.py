@@ -24,9 +24,14 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from model_patches.conversion.default_model import (MODEL_NAME, DefaultModelError, _lock, _sha256,
-                                         default_model_dir, prepare_default_model)
+from engine.checkpoint import BLOCK, LLAMA_ARCH, FactoredKeysConfig, validate_checkpoint_dir
+from model_patches.conversion.checkpoint_writer import write_checkpoint
+from model_patches.conversion.convert import convert
+from model_patches.conversion.default_model import (MODEL_NAME, DefaultModelError,
+                                                    default_model_dir, file_lock,
+                                                    prepare_default_model, sha256_file)
 
 ARTIFACT_DIR = Path(__file__).resolve().parent.parent / "artifacts"
 DEFAULT_VARIANT = "thin-r16"
@@ -78,15 +83,10 @@ def _thin_keys(state: dict) -> dict[str, torch.Tensor]:
 
 def export_artifact(ckpt: str | Path) -> Path:
     """Write the artifact + manifest of a calibrated factored checkpoint of the default model."""
-    from safetensors.torch import load_file, save_file
-
-    from engine.checkpoint import BLOCK
-
     ckpt = Path(ckpt)
-    cfg = json.loads((ckpt / "config.json").read_text())
-    block = cfg[BLOCK]
-    rank = block["key_rank"]
-    if not isinstance(rank, int):
+    fk = FactoredKeysConfig.from_hf_config(json.loads((ckpt / "config.json").read_text()))
+    rank = fk.uniform_rank
+    if rank is None:
         raise ValueError("only uniform-rank checkpoints are exported")
     thin = {k: v.to(torch.float16).contiguous()
             for k, v in _thin_keys(load_file(str(ckpt / "model.safetensors"))).items()}
@@ -95,7 +95,7 @@ def export_artifact(ckpt: str | Path) -> Path:
     save_file(thin, str(weights), metadata={"format": "pt"})
     manifest.write_text(json.dumps({
         "model": MODEL_NAME, "variant": f"thin-r{rank}", "file": weights.name,
-        "sha256": _sha256(weights), "dtype": "float16", "factored_keys": block,
+        "sha256": sha256_file(weights), "dtype": "float16", "factored_keys": fk.to_block(),
         "regenerate": REGENERATE.format(r=rank)}, indent=1) + "\n")
     return weights
 
@@ -111,11 +111,6 @@ def prepare_variant(variant: str = DEFAULT_VARIANT, cache_dir=None, quiet: bool 
                     force: bool = False) -> Path:
     """The directory of a default-model variant, built once (see the module docstring);
     ``force`` rebuilds it and the prepared original it comes from."""
-    from safetensors.torch import load_file
-
-    from engine.checkpoint import BLOCK, LLAMA_ARCH, validate_checkpoint_dir
-    from model_patches.conversion.checkpoint_writer import write_checkpoint
-
     check_variant(variant)
     src = prepare_default_model(cache_dir, force=force, quiet=quiet)
     if variant == ORIGINAL:
@@ -127,10 +122,10 @@ def prepare_variant(variant: str = DEFAULT_VARIANT, cache_dir=None, quiet: bool 
     out = variant_dir(variant, cache_dir)
     if not force and _is_built(out, manifest["sha256"]):
         return out
-    with _lock(out.parent / f".{out.name}.lock"):
+    with file_lock(out.parent / f".{out.name}.lock"):
         if not force and _is_built(out, manifest["sha256"]):
             return out
-        sha = _sha256(weights)
+        sha = sha256_file(weights)
         if sha != manifest["sha256"]:
             raise DefaultModelError(f"{weights.name}: sha256 {sha[:12]}… does not match its "
                                     f"manifest ({manifest['sha256'][:12]}…); regenerate it with "
@@ -142,8 +137,8 @@ def prepare_variant(variant: str = DEFAULT_VARIANT, cache_dir=None, quiet: bool 
             raise DefaultModelError(f"{weights.name} lacks {sorted(missing)[0]}")
         state.update({k: v.float() for k, v in thin.items()})
         cfg = json.loads((src / "config.json").read_text())
-        cfg["architectures"] = [LLAMA_ARCH]
-        cfg[BLOCK] = manifest["factored_keys"]
+        fk = FactoredKeysConfig.from_hf_config({**cfg, BLOCK: manifest["factored_keys"]})
+        cfg = {**cfg, "architectures": [LLAMA_ARCH], BLOCK: fk.to_block()}
 
         def finish(tmp: Path) -> None:
             validate_checkpoint_dir(tmp)
@@ -160,8 +155,6 @@ def regenerate(rank: int, cache_dir=None, progress: bool = True) -> Path:
     """Calibrate the default model at `rank` with RECIPES[rank] (the converter's defaults for
     other ranks) and export the artifact. Resumable: the calibration keeps its progress next
     to its work checkpoint in the cache."""
-    from model_patches.conversion.convert import convert
-
     src = prepare_default_model(cache_dir, quiet=not progress)
     work = src.parent / f".artifact-work-r{rank}"
     convert(src, work, key_rank=rank, calibrate=True, calibration=dict(RECIPES.get(rank, {})),

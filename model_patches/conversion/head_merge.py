@@ -12,9 +12,10 @@ S_n are disjoint runs of H_kv/N heads). Every merge below is done per new head n
 
 Statistics. Keys and values are linear in the attention input x (k = W_k x + b_k), so the
 second moments of the calibration activations are exact from C_x = E[x xᵀ] (the converter's
-statistics, model_patches.conversion.convert.input_moments): E[k_a k_bᵀ] = W_k^a C_x W_k^bᵀ. A bias is
-handled by appending a constant 1 to x. This is the PCA of the collected K/V caches
-(calibration split of model_patches.evaluation.text_sets), without storing them.
+statistics, model_patches.conversion.activation_stats.input_moments):
+E[k_a k_bᵀ] = W_k^a C_x W_k^bᵀ. A bias is handled by appending a constant 1 to x. This is
+the PCA of the collected K/V caches (calibration split of model_patches.text_sets),
+without storing them.
 
 Keys, "complex" (commutes with RoPE). HF Llama rotates dims i and i + D/2 together
 (rotate_half), i.e. z_i = k_i + j·k_{i+D/2} is multiplied by e^{j·pos·θ_i}. Per frequency
@@ -51,12 +52,19 @@ attention layer by layer against the source's attention outputs.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from tqdm import tqdm
 
 from engine.checkpoint import model_dims
+from engine.kv_layout import kv_layout
+from model_patches.conversion.activation_stats import DEFAULT_STAT_TOKENS, input_moments
+from model_patches.conversion.calibrate import recover_merged
+from model_patches.conversion.distill import cleanup
 from model_patches.conversion.checkpoint_writer import ConversionError, read_source, write_checkpoint
 
 MERGE_KEYS = ("complex", "real")
@@ -249,8 +257,6 @@ def merge_state(cfg: dict, sd: dict[str, torch.Tensor], n: int, moments: list[to
                 progress: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
     """(merged config, merged state dict). moments[l]: C_x of layer l's attention input,
     [in, in], or [in+1, in+1] for [x; 1] when the attention has biases."""
-    from tqdm import tqdm
-
     n_layers, _, h_kv, _, hidden = model_dims(cfg)
     state = dict(sd)
     for i in tqdm(range(n_layers), desc=f"merging KV heads {h_kv}->{n} ({merge_keys} keys)",
@@ -265,15 +271,11 @@ def _has_attention_bias(sd: dict[str, torch.Tensor]) -> bool:
 
 
 def _fp16_kv_bytes(cfg: dict) -> int:
-    from server.kv_memory import kv_layout
     return kv_layout(cfg, "fp16").bytes_per_token
 
 
 def check_gqa_dir(path: Path) -> None:
     """Shapes of a written GQA checkpoint's attention tensors against its config.json."""
-    import json
-
-    from safetensors import safe_open
     cfg = json.loads((path / "config.json").read_text())
     with safe_open(str(path / "model.safetensors"), framework="pt") as st:
         shapes = {k: tuple(st.get_slice(k).get_shape()) for k in st.keys()}
@@ -295,8 +297,6 @@ def merge_kv_heads(src: str | Path, dst: str | Path, kv_heads: int, *,
     """Write `src` with its KV heads merged into `kv_heads` heads at `dst` (see module doc).
     recover: settings of model_patches.conversion.calibrate.recover_merged ({} = its defaults), which
     then trains the merged attention against `src`; None: training-free."""
-    from model_patches.conversion.convert import DEFAULT_STAT_TOKENS, input_moments
-
     src, dst = Path(src), Path(dst)
     if weighting not in WEIGHTINGS:
         raise ConversionError(f"weighting {weighting!r} is not one of {', '.join(WEIGHTINGS)}")
@@ -312,12 +312,10 @@ def merge_kv_heads(src: str | Path, dst: str | Path, kv_heads: int, *,
                                 "stat_tokens": stat_tokens or DEFAULT_STAT_TOKENS,
                                 "source_model": cfg.get("_name_or_path") or src.name}
     if recover is not None:
-        from model_patches.conversion.calibrate import recover_merged
         state, report = recover_merged(src, new_cfg, state, dst, progress=progress, **recover)
         new_cfg["kv_head_merge"]["recovery"] = report
     write_checkpoint(src, dst, new_cfg, state, force=force, validate=check_gqa_dir)
     if recover is not None:
-        from model_patches.conversion.calibrate import cleanup
         cleanup(dst)                      # the end-to-end pass's saved progress
     return MergeSummary(dst, (model_dims(cfg)[2], kv_heads),
                         merge_keys + (" + recovery" if recover is not None else ""),

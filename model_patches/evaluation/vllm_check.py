@@ -89,7 +89,7 @@ def run(model: str | Path, windows: list[list[int]] | None, work: Path, timeout:
     spec.write_text(json.dumps({"model": str(model), "windows": windows, "engine": engine,
                                 **(spec_extra or {})}))
     out.unlink(missing_ok=True)
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0",
                PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-m", "model_patches.evaluation.vllm_check", str(spec),

@@ -1,0 +1,57 @@
+"""Calibration statistics of a source model's attention inputs, shared by the converters.
+
+`input_moments(src)` runs the source on calibration text (the calibration split of
+model_patches.text_sets, disjoint from evaluation) and returns, for every layer,
+the second moment C_x = E[x xᵀ] of its attention input. The thin-key initialisation
+(convert, thin_init) and KV head merging (head_merge) both start from these moments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from model_patches.conversion.checkpoint_writer import ConversionError
+from model_patches.text_sets import token_stream
+
+DEFAULT_STAT_TOKENS = 32 * 512
+
+
+def input_moments(src: str | Path, n_tokens: int = DEFAULT_STAT_TOKENS, seq_len: int = 512,
+                  progress: bool = True, augment: bool = False) -> list[torch.Tensor]:
+    """C_x[l] = E[x xᵀ] (float64) of the input of every attention block, on calibration text.
+    augment: the moments of [x; 1] instead (E[x] in the last row and column), for biases."""
+    # transformers is imported here: it takes seconds, and the CLI imports this module
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(src))
+    ids = torch.tensor(token_stream(tok, "calibration")[:n_tokens])
+    if len(ids) < seq_len:
+        raise ConversionError("not enough calibration text")
+    windows = ids[: len(ids) // seq_len * seq_len].view(-1, seq_len)
+    if hasattr(model, "model"):
+        norms = [layer.input_layernorm for layer in model.model.layers]
+    else:
+        norms = [block.ln_1 for block in model.transformer.h]
+    n = model.config.hidden_size + int(augment)
+    sums = [torch.zeros(n, n, dtype=torch.float64) for _ in norms]
+    count = [0]
+
+    def hook(i):
+        def fn(_module, _inp, out):
+            x = out.reshape(-1, out.shape[-1]).double()
+            if augment:
+                x = torch.cat((x, torch.ones(len(x), 1, dtype=x.dtype)), 1)
+            sums[i].add_(x.T @ x)
+        return fn
+    handles = [n.register_forward_hook(hook(i)) for i, n in enumerate(norms)]
+    with torch.inference_mode():
+        for w in tqdm(windows, desc="calibration statistics", unit="window", disable=not progress):
+            model(w[None])
+            count[0] += w.numel()
+    for h in handles:
+        h.remove()
+    return [s / count[0] for s in sums]
