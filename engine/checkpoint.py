@@ -43,6 +43,23 @@ def _get(cfg: Any, name: str, default: Any = None) -> Any:
     return getattr(cfg, name, default)
 
 
+def read_config(path: str | Path, error: type[Exception] | None = None) -> dict:
+    """config.json of a model directory as a dict; a missing, unreadable or non-object file
+    raises ``error`` (default FactoredCheckpointError) with a one-line message."""
+    error = error or FactoredCheckpointError
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise error(f"{path}: no config.json (not a Hugging Face model directory)")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        msg = " ".join(str(e).split())
+        raise error(f"{cfg_file} is not valid JSON ({msg})") from None
+    if not isinstance(cfg, dict):
+        raise error(f"{cfg_file} is not a JSON object")
+    return cfg
+
+
 def model_dims(hf_config: Any) -> tuple[int, int, int, int, int]:
     """(num_layers, num_heads, num_kv_heads, head_dim, hidden) of a Llama- or GPT-2-style config."""
     layers = _get(hf_config, "num_hidden_layers", None) or _get(hf_config, "n_layer")
@@ -241,12 +258,7 @@ def validate_checkpoint_dir(path: str | Path) -> FactoredKeysConfig | None:
     from safetensors import safe_open
 
     path = Path(path)
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except FileNotFoundError:
-        raise FactoredCheckpointError(f"{path}: no config.json") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise FactoredCheckpointError(f"{path}/config.json is not valid JSON ({e})") from None
+    cfg = read_config(path)
     archs = cfg.get("architectures") or []
     if not any(a in FACTORED_ARCHS for a in archs):
         if BLOCK in cfg:

@@ -7,13 +7,12 @@ An ordinary GPT-2 checkpoint fuses q/k/v into one Conv1D ``c_attn`` and may omit
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from engine.checkpoint import GPT2_ARCH, model_dims
+from engine.checkpoint import GPT2_ARCH, model_dims, read_config
 
 
 class ModelFormatError(ValueError):
@@ -30,12 +29,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json, tensors) of a checkpoint directory."""
-    path = Path(path)
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelFormatError(f"{path}: no readable config.json ({e})") from None
-    return cfg, load_state_dict(path)
+    return read_config(path, ModelFormatError), load_state_dict(path)
 
 
 def is_gpt2(cfg: dict) -> bool:

@@ -58,12 +58,12 @@ def load_config(model: str) -> tuple[str, dict]:
     return path.parent.name, cfg
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "capacity", help=HELP,
-        description="Print KV bytes per token and per user, and how many users of a given "
-                    "context fit on one device, for a model (factored or not) and its "
-                    "unfactored baseline. Presets: " + ", ".join(PRESETS) + ".")
+DESCRIPTION = ("Print KV bytes per token and per user, and how many users of a given "
+               "context fit on one device, for a model (factored or not) and its "
+               "unfactored baseline. Presets: " + ", ".join(PRESETS) + ".")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="PATH|PRESET",
                    help="model directory, config.json, or a preset name")
     p.add_argument("--context", type=int, default=131072, metavar="TOKENS",
@@ -81,7 +81,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "for an unfactored model)")
     p.add_argument("--block-size", type=int, default=16, help="KV block size (vLLM GPU default 16)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    return p
 
 
 def capacity_rows(cfg: dict, *, context: int, gpu_memory: int, utilization: float,

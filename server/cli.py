@@ -5,14 +5,15 @@ module imports none of them statically). A subcommand module provides
 
 * ``HELP``: a one-line summary (shown by ``factorkv --help``; importing the module
   must be cheap: import vLLM/torch inside functions, not at module level);
-* ``add_parser(subparsers) -> argparse.ArgumentParser``: add its parser with
-  ``subparsers.add_parser(name, ...)`` (or :func:`add_subcommand_parser` to use
-  another parser class, e.g. vLLM's FlexibleArgumentParser) and return it;
+* ``DESCRIPTION`` (optional) and ``add_arguments(parser)``: its arguments, added to the
+  parser this module makes; or instead ``add_parser(subparsers) -> ArgumentParser`` when it
+  needs another parser class (:func:`add_subcommand_parser`, e.g. vLLM's
+  FlexibleArgumentParser for `serve`);
 * ``run(args) -> int | None``: do the work; the return value is the exit status;
 * optionally ``precheck(argv)``: cheap checks on the raw arguments, run before
   ``add_parser`` (e.g. to fail fast before importing vLLM).
 
-Only the chosen subcommand's ``add_parser`` is called, so `factorkv prepare` does
+Only the chosen subcommand's parser is built, so `factorkv prepare` does
 not pay for importing vLLM. User errors raise :class:`server.errors.CLIError`
 (or argparse usage errors) and print one line ``factorkv: error: ...`` to stderr,
 exit status 2 for usage errors; never a traceback.
@@ -101,8 +102,13 @@ def build_parser(selected: str | None = None) -> tuple[argparse.ArgumentParser, 
     chosen = None
     for name, modname in SUBCOMMANDS:
         mod = _module(modname)
-        if name == selected:
+        if name == selected and hasattr(mod, "add_parser"):
             chosen = mod.add_parser(subparsers)
+        elif name == selected:
+            chosen = subparsers.add_parser(name, help=mod.HELP,
+                                           description=getattr(mod, "DESCRIPTION", None))
+            mod.add_arguments(chosen)
+        if name == selected:
             chosen.set_defaults(_run=mod.run)
         else:
             subparsers.add_parser(name, help=getattr(mod, "HELP", None), add_help=False)

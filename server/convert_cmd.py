@@ -6,20 +6,18 @@ import argparse
 
 HELP = ("convert an HF Llama/GPT-2 checkpoint to factored (thin) keys, optionally calibrated, "
         "and/or merge its KV heads (MHA -> GQA)")
+DESCRIPTION = ("Write a factored checkpoint of SRC at DST (docs/checkpoint-format.md): key "
+               "projections of rank r per KV head, the other factor absorbed into the queries. "
+               "Data-aware initialisation from calibration text (gensim Wikipedia, "
+               "calibration split); --calibrate adds QK-only recovery against SRC. "
+               "--kv-heads N merges the KV heads into N (a standard GQA checkpoint that "
+               "stock vLLM serves; with --key-rank, merged first, then factored).")
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     from model_patches.conversion.head_merge import MERGE_KEYS
     from model_patches.conversion.thin_init import METHODS
 
-    p = subparsers.add_parser(
-        "convert", help=HELP,
-        description="Write a factored checkpoint of SRC at DST (docs/checkpoint-format.md): key "
-                    "projections of rank r per KV head, the other factor absorbed into the queries. "
-                    "Data-aware initialisation from calibration text (gensim Wikipedia, "
-                    "calibration split); --calibrate adds QK-only recovery against SRC. "
-                    "--kv-heads N merges the KV heads into N (a standard GQA checkpoint that "
-                    "stock vLLM serves; with --key-rank, merged first, then factored).")
     p.add_argument("src", help="HF model directory (safetensors)")
     p.add_argument("dst", help="output directory (written atomically)")
     size = p.add_mutually_exclusive_group()
@@ -61,7 +59,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="learning rate of the end-to-end pass (default 1e-4)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    return p
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,19 +16,19 @@ def _ints(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+DESCRIPTION = ("Perplexity on held-out Wikipedia text, passkey retrieval and greedy chat "
+               "answers of the default model and its factored variants (init-rR: converted, "
+               "cal-rR: converted with --calibrate; merge-kvN[-real][-rec[S]][-rR|-cal-rR]: KV "
+               "heads merged into N (real: --merge-keys real, rec: --recover, recS: with "
+               "S end-to-end steps), then "
+               "optionally factored; built on first use), plus one row "
+               "recomputed through the vLLM engine. Results are cached per variant; the "
+               "report goes to --out. See docs/results/quality.md.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     from model_patches.evaluation.quality.variants import DEFAULT_VARIANTS
 
-    p = subparsers.add_parser(
-        "eval", help=HELP,
-        description="Perplexity on held-out Wikipedia text, passkey retrieval and greedy chat "
-                    "answers of the default model and its factored variants (init-rR: converted, "
-                    "cal-rR: converted with --calibrate; merge-kvN[-real][-rec[S]][-rR|-cal-rR]: KV "
-                    "heads merged into N (real: --merge-keys real, rec: --recover, recS: with "
-                    "S end-to-end steps), then "
-                    "optionally factored; built on first use), plus one row "
-                    "recomputed through the vLLM engine. Results are cached per variant; the "
-                    "report goes to --out. See docs/results/quality.md.")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help="comma-separated: original, init-rR, cal-rR, "
                         "merge-kvN[-real][-rec[S]][-rR|-cal-rR] (default: %(default)s)")
@@ -54,7 +54,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--work", default=None, help="work dir (default: $FACTORKV_CACHE_DIR/quality)")
     p.add_argument("--out", default="docs/results/quality.md")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    return p
 
 
 def run(args: argparse.Namespace) -> int:

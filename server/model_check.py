@@ -40,15 +40,10 @@ def check_model_dir(path: Path, *, need_tokenizer: bool = True) -> dict:
     """Validate a Hugging Face model directory; returns its parsed config.json."""
     if not path.is_dir():
         raise CLIError(f"model path {path} is not a directory")
+    from engine.checkpoint import read_config  # torch: see _check_factored
+
     cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise CLIError(f"model path {path} has no config.json (not a Hugging Face model directory)")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CLIError(f"{cfg_file} is not valid JSON ({_one_line(e)})") from None
-    if not isinstance(cfg, dict):
-        raise CLIError(f"{cfg_file} is not a JSON object")
+    cfg = read_config(path, CLIError)
     if not (cfg.get("architectures") or cfg.get("model_type")):
         raise CLIError(f"{cfg_file} names no architectures or model_type")
 

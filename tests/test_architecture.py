@@ -23,7 +23,10 @@ PACKAGES = ("engine", "model_patches", "server", "loadtests")
 LINT = str(Path(sys.executable).with_name("lint-imports"))
 LINE_LIMIT = 330
 # module -> why it is longer than LINE_LIMIT
-LONG_MODULES: dict[str, str] = {}
+LONG_MODULES: dict[str, str] = {
+    "server/guards.py": "one ASGI middleware with one per-request contract (access, body size, "
+                        "bad JSON, overload, drain, error shape) that reads top to bottom",
+}
 
 
 def _modules() -> list[Path]:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.checkpoint import (BLOCK, GPT2_ARCH, LLAMA_ARCH, FactoredKeysConfig, model_dims,
-                               validate_checkpoint_dir)
+                               read_config, validate_checkpoint_dir)
 from engine.rotary import source_inv_freq
 from engine.weights import gpt2_names, load_state_dict, split_gpt2_qkv
 
@@ -37,12 +37,7 @@ class ConversionError(ValueError):
 def read_source(src: str | Path) -> tuple[dict, dict[str, torch.Tensor], str]:
     """(config, state dict, family) of an HF safetensors checkpoint; family is 'llama' or 'gpt2'."""
     src = Path(src)
-    try:
-        cfg = json.loads((src / "config.json").read_text())
-    except FileNotFoundError:
-        raise ConversionError(f"{src}: no config.json (not a Hugging Face model directory)") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConversionError(f"{src}/config.json is unreadable ({e})") from None
+    cfg = read_config(src, ConversionError)
     arch = (cfg.get("architectures") or [""])[0]
     if BLOCK in cfg:
         raise ConversionError(f"{src} is already a factored checkpoint ({arch})")
