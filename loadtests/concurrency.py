@@ -43,6 +43,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from loadtests.concurrency_report import write_report
+from loadtests.metrics import (counter_delta, fetch_metrics, get_json, percentile,
+                               sample_metrics, saturated_throughput)
+
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_SLACK = 64   # chat-template and header tokens on top of the text window
 
@@ -78,15 +82,6 @@ class PointResult:
     tpot_p99: float | None = None
     mean_prompt_tokens: float = 0.0
     errors: list[str] = field(default_factory=list)
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100); None for no values."""
-    if not values:
-        return None
-    s = sorted(values)
-    k = max(0, min(len(s) - 1, int(round(q / 100 * len(s) + 0.5)) - 1))
-    return s[k]
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -159,34 +154,6 @@ async def one_request(session, url: str, model: str, prompt: str, output_tokens:
                          prompt_tokens=int(usage.get("prompt_tokens", 0)))
 
 
-def _parse_metrics(text: str) -> dict[str, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    wanted = {"vllm:num_requests_running", "vllm:num_requests_waiting",
-              "vllm:kv_cache_usage_perc", "vllm:num_preemptions_total",
-              "vllm:generation_tokens_total"}
-    out: dict[str, float] = {"t": time.perf_counter()}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name in wanted:
-                out[s.name] = out.get(s.name, 0.0) + s.value
-    return out
-
-
-async def sample_metrics(session, url: str, samples: list[dict], stop: asyncio.Event,
-                         period: float = 0.25) -> None:
-    while not stop.is_set():
-        try:
-            async with session.get(f"{url}/metrics") as r:
-                samples.append(_parse_metrics(await r.text()))
-        except Exception:  # noqa: BLE001 - a missed sample is not a failure of the server
-            pass
-        try:
-            await asyncio.wait_for(stop.wait(), period)
-        except asyncio.TimeoutError:
-            pass
-
-
 async def run_point(url: str, model: str, label: str, users: int, requests_per_user: int,
                     prompts: PromptSource, output_tokens: int, max_duration: float,
                     request_timeout: float, api_key: str | None = None,
@@ -202,7 +169,7 @@ async def run_point(url: str, model: str, label: str, users: int, requests_per_u
     conn = aiohttp.TCPConnector(limit=0)
     bar = tqdm(total=total, desc=f"{label} N={users}", unit="req", file=sys.stderr, leave=True)
     async with aiohttp.ClientSession(connector=conn) as session:
-        before = await _fetch_metrics(session, url)
+        before = await fetch_metrics(session, url)
         sampler = asyncio.create_task(sample_metrics(session, url, samples, stop, sample_period))
         t0 = time.perf_counter()
 
@@ -219,7 +186,7 @@ async def run_point(url: str, model: str, label: str, users: int, requests_per_u
         wall = time.perf_counter() - t0
         stop.set()
         await sampler
-        after = await _fetch_metrics(session, url)
+        after = await fetch_metrics(session, url)
     bar.close()
     ok = [r for r in results if r.ok]
     pr = PointResult(model=label, users=users, requests=len(results),
@@ -232,7 +199,7 @@ async def run_point(url: str, model: str, label: str, users: int, requests_per_u
     pr.peak_waiting = max((s.get("vllm:num_requests_waiting", 0.0) for s in samples), default=0.0)
     pr.peak_kv_usage = max((s.get("vllm:kv_cache_usage_perc", 0.0) for s in samples), default=0.0)
     pr.saturated_tok_s = saturated_throughput(samples)
-    pr.preemptions = after.get("vllm:num_preemptions_total", 0.0) - before.get("vllm:num_preemptions_total", 0.0)
+    pr.preemptions = counter_delta(before, after, "vllm:num_preemptions_total")
     ttft = [r.ttft for r in ok if r.ttft is not None]
     tpot = [r.tpot for r in ok if r.tpot is not None]
     pr.ttft_p50, pr.ttft_p99 = percentile(ttft, 50), percentile(ttft, 99)
@@ -242,34 +209,10 @@ async def run_point(url: str, model: str, label: str, users: int, requests_per_u
     return pr
 
 
-def saturated_throughput(samples: list[dict]) -> float | None:
-    """Generated tokens/s over the sampling intervals during which requests were waiting
-    (the KV cache was full), from vllm:generation_tokens_total; None if never saturated."""
-    tokens = seconds = 0.0
-    for a, b in zip(samples, samples[1:]):
-        if a.get("vllm:num_requests_waiting", 0) > 0 and b.get("vllm:num_requests_waiting", 0) > 0:
-            tokens += b.get("vllm:generation_tokens_total", 0) - a.get("vllm:generation_tokens_total", 0)
-            seconds += b["t"] - a["t"]
-    return tokens / seconds if seconds >= 5 else None
-
-
-async def _fetch_metrics(session, url: str) -> dict[str, float]:
-    async with session.get(f"{url}/metrics") as r:
-        return _parse_metrics(await r.text())
-
-
-def _get_json(url: str, api_key: str | None = None) -> dict:
-    import urllib.request
-
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
-
-
 def sweep(url: str, label: str, model_dir: Path, args, api_key: str | None = None) -> dict:
     """Every offered user count against one server; returns its KV facts and points."""
-    served = _get_json(f"{url}/v1/models", api_key)["data"][0]["id"]
-    kv = _get_json(f"{url}/v1/kv-cache?context={args.context}", api_key)
+    served = get_json(f"{url}/v1/models", api_key)["data"][0]["id"]
+    kv = get_json(f"{url}/v1/kv-cache?context={args.context}", api_key)
     prompts = PromptSource(model_dir, args.context - args.output_tokens - TEMPLATE_SLACK, seed=args.seed)
     points = []
     for n in args.user_counts:
@@ -280,141 +223,10 @@ def sweep(url: str, label: str, model_dir: Path, args, api_key: str | None = Non
               f"{pr.output_tok_s:.1f} out tok/s, TTFT p50 {pr.ttft_p50 or 0:.1f}s, failed {pr.failed}",
               file=sys.stderr, flush=True)
         points.append(asdict(pr))
-    eviction = _get_json(f"{url}/v1/kv-cache", api_key).get("eviction", {})
+    eviction = get_json(f"{url}/v1/kv-cache", api_key).get("eviction", {})
     eviction.pop("requests", None)
     return {"label": label, "model": str(model_dir), "served_name": served, "kv": kv,
             "points": points, "eviction": eviction}
-
-
-# ----------------------------------------------------------------------------- report
-
-def write_report(runs: list[dict], args, out_dir: Path, command: str, load: tuple[float, float]) -> Path:
-    import platform
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{args.name}.json").write_text(json.dumps(
-        {"command": command, "runs": runs, "load_average": load}, indent=1))
-    plots = plot(runs, out_dir, args.name)
-    lines = ["# Concurrency under a fixed KV budget", "",
-             f"Command: `{command}`", "",
-             f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), 1-minute load average "
-             f"{load[0]:.2f} before, {load[1]:.2f} after. Each user sends {args.requests_per_user} "
-             f"streaming chat request(s) back to back: ~{args.context - args.output_tokens} prompt tokens "
-             f"of Wikipedia text and exactly {args.output_tokens} output tokens (ignore_eos), "
-             f"so each request holds up to {args.context} tokens of KV cache.", ""]
-    lines += ["| model | KV B/token | KV budget | KV capacity (tokens) | users at context (engine) |",
-              "|---|---:|---:|---:|---:|"]
-    for run in runs:
-        kv = run["kv"]
-        lines.append(f"| {run['label']} (`{Path(run['model']).name}`) | {kv['bytes_per_token']:,} | "
-                     f"{(kv.get('budget_bytes') or kv['memory_bytes']) / 2**20:.0f} MiB | "
-                     f"{kv['capacity_tokens']:,} | {kv['max_users_at_context']:.2f} |")
-    lines += ["", "| model | offered users | requests | failed | peak running | mean running | "
-              "peak waiting | preemptions | output tok/s | saturated tok/s | TTFT p50 / p99 (s) | "
-              "TPOT p50 / p99 (ms) |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for run in runs:
-        for p in run["points"]:
-            lines.append(
-                f"| {run['label']} | {p['users']} | {p['requests']} | {p['failed']} | "
-                f"{p['peak_running']:.0f} | {p['mean_running']:.1f} | {p['peak_waiting']:.0f} | "
-                f"{p['preemptions']:.0f} | {p['output_tok_s']:.1f} | {_f(p['saturated_tok_s'])} | "
-                f"{_f(p['ttft_p50'])} / {_f(p['ttft_p99'])} | "
-                f"{_f(p['tpot_p50'], 1000)} / {_f(p['tpot_p99'], 1000)} |")
-    if len(runs) >= 2:
-        lines += ratio_lines(runs)
-    lines += ["", "Plots: " + ", ".join(f"[{p.name}]({p.name})" for p in plots), ""]
-    lines += [f"![{p.stem}]({p.name})" for p in plots]
-    report = out_dir / f"{args.name}.md"
-    report.write_text("\n".join(lines) + "\n")
-    return report
-
-
-# Targets per configuration (issues 5 and 9): peak running requests and best output
-# throughput, each as a ratio to the first (baseline) run.
-RUNNING_TARGETS = {"factored": 1.55, "evict": 1.9, "factored+evict": 3.0}
-THROUGHPUT_TARGETS = {"factored": 1.3}
-
-
-def _ratio(label: str, num: float, den: float, fmt: str, target: float | None,
-           unit: str = "") -> str:
-    if not den:
-        return f"{label}: n/a (baseline {den:g})"
-    return (f"{label} {num:{fmt}} / {den:{fmt}}{unit} = **{num / den:.2f}x**"
-            + (f" (target ≥ {target}x)" if target else ""))
-
-
-def ratio_lines(runs: list[dict]) -> list[str]:
-    """Every run against the first (the baseline), measured in the same invocation."""
-    base = runs[0]
-    pr_b = max(p["peak_running"] for p in base["points"])
-    tp_b = max(p["output_tok_s"] for p in base["points"])
-    lines = ["", f"## Ratios (each / {base['label']}, same run)", ""]
-    for run in runs[1:]:
-        ev = run.get("eviction") or {}
-        if ev.get("enabled"):
-            lines.append(f"- {run['label']}: evicted {ev['evicted_tokens_total']:,} tokens in "
-                         f"{ev['compactions_total']} compactions, {ev['freed_blocks_total']:,} "
-                         f"KV blocks freed")
-        config = run.get("config", "")
-        pr = max(p["peak_running"] for p in run["points"])
-        tp = max(p["output_tok_s"] for p in run["points"])
-        lines.append(
-            f"- **{run['label']}**: KV capacity "
-            f"{run['kv']['capacity_tokens'] / base['kv']['capacity_tokens']:.3f}x tokens; "
-            + _ratio("peak concurrently running requests", pr, pr_b, ".0f", RUNNING_TARGETS.get(config))
-            + "; " + _ratio("best output throughput", tp, tp_b, ".1f",
-                            THROUGHPUT_TARGETS.get(config), " tok/s"))
-        sat = [(p, q) for p in base["points"] for q in run["points"] if p["users"] == q["users"]
-               and p["saturated_tok_s"] and q["saturated_tok_s"]]
-        lines += [f"  - generation tok/s while the baseline's cache was full and requests waited, "
-                  f"N={p['users']}: {q['saturated_tok_s']:.1f} / {p['saturated_tok_s']:.1f} = "
-                  f"{q['saturated_tok_s'] / p['saturated_tok_s']:.2f}x" for p, q in sat]
-    failed = sum(p["failed"] for r in runs for p in r["points"])
-    lines.append(f"- failed requests: {failed}")
-    return lines
-
-
-def _f(v: float | None, scale: float = 1.0) -> str:
-    return "-" if v is None else f"{v * scale:.2f}" if scale == 1.0 else f"{v * scale:.0f}"
-
-
-def plot(runs: list[dict], out_dir: Path, name: str = "concurrency") -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    specs = [(f"{name}_running.png", "Concurrently running requests", "peak_running", 1.0,
-              "peak running requests"),
-             (f"{name}_throughput.png", "Output throughput", "output_tok_s", 1.0, "output tokens/s"),
-             (f"{name}_latency.png", "Latency (p50)", "ttft_p50", 1.0, "TTFT p50 (s)")]
-    paths = []
-    for fname, title, key, scale, ylabel in specs:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for run in runs:
-            xs = [p["users"] for p in run["points"]]
-            ax.plot(xs, [(p[key] or 0) * scale for p in run["points"]], marker="o", label=run["label"])
-            if key == "ttft_p50":
-                ax2 = ax.twinx() if not hasattr(ax, "_fkv_twin") else ax._fkv_twin
-                ax._fkv_twin = ax2
-                ax2.plot(xs, [(p["tpot_p50"] or 0) * 1000 for p in run["points"]], linestyle="--",
-                         marker="x", label=f"{run['label']} TPOT")
-                ax2.set_ylabel("TPOT p50 (ms, dashed)")
-        if key == "peak_running":
-            xs = sorted({p["users"] for r in runs for p in r["points"]})
-            ax.plot(xs, xs, color="grey", linestyle=":", label="offered")
-        ax.set_xlabel("offered concurrent users")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper left")
-        fig.tight_layout()
-        path = out_dir / fname
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
 
 
 # ----------------------------------------------------------------------------- main
@@ -460,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base = Path(args.model) if args.model else prepare_default_model()
     if args.url:
-        info = _get_json(f"{args.url.rstrip('/')}/factorkv/info", args.api_key)
+        info = get_json(f"{args.url.rstrip('/')}/factorkv/info", args.api_key)
         runs = [sweep(args.url.rstrip("/"), "server", Path(info["model"]), args, args.api_key)]
     else:
         from loadtests.decode_throughput import factored_copy
