@@ -116,10 +116,11 @@ class TorchCausalLM(torch.nn.Module):
 
     # -------------------------------------------------------------- parameters and devices
     def make_trainable(self, names: list[str]) -> list[torch.nn.Parameter]:
-        """Replace the named tensors by float32 parameters (returned, in order)."""
+        """Replace the named tensors by float32 parameters (returned, in order); the tensors
+        the model was built from are copied, never trained in place."""
         params = []
         for name in names:
-            p = torch.nn.Parameter(self.w[name].float())
+            p = torch.nn.Parameter(self.w[name].detach().float().clone())
             self.w[name] = p
             self.trained.append(p)
             self._trained_names.append(name)

@@ -12,7 +12,7 @@ import torch
 
 from engine.torch_model import TorchCausalLM
 from model_patches.conversion.convert import convert
-from tests.engine_utils import ROOT, run_vllm
+from tests.engine_utils import ROOT, run_vllm, tiny_llama
 
 VOCAB = 49152          # the default model's tokenizer, so the converter reads real text
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -157,3 +157,20 @@ def test_unsupported_or_unreadable_source(tmp_path, sources):
         assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "o").exists()
+
+
+def test_source_without_or_with_a_foreign_tokenizer(tmp_path, default_model_dir):
+    """A source directory with no tokenizer, or with one whose ids exceed the model's embedding
+    (here SmolLM2's 49,152 tokens on a 256-row model): one line, exit 2, no output."""
+    src = tiny_llama(tmp_path / "src", vocab=256)
+    for needle in ("no usable tokenizer", "49152 tokens but the model's embedding has only 256"):
+        proc = subprocess.run([sys.executable, "-m", "server.cli", "convert", str(src),
+                               str(tmp_path / "o"), "--key-rank", "8", "-q"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o*"))
+        for f in TOKENIZER_FILES:                      # second round: a foreign tokenizer
+            if (default_model_dir / f).exists():
+                shutil.copy(default_model_dir / f, src / f)

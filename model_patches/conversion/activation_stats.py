@@ -19,15 +19,34 @@ from model_patches.text_sets import token_stream
 DEFAULT_STAT_TOKENS = 32 * 512
 
 
+def source_tokenizer(src: str | Path):
+    """The source's tokenizer, which calibration text needs. A directory without a loadable one,
+    or one whose token ids reach past the model's embedding rows, is a ConversionError."""
+    from transformers import AutoConfig, AutoTokenizer   # seconds to import: see input_moments
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src))
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a missing tokenizer
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise ConversionError(f"{src}: no usable tokenizer (the converter reads calibration text "
+                              f"with the source's tokenizer; copy its tokenizer files into "
+                              f"{src}): {first.strip()}") from None
+    rows = AutoConfig.from_pretrained(str(src)).vocab_size
+    if len(tok) > rows:
+        raise ConversionError(f"{src}: the tokenizer has {len(tok)} tokens but the model's "
+                              f"embedding has only {rows} rows (a tokenizer of another model?)")
+    return tok
+
+
 def input_moments(src: str | Path, n_tokens: int = DEFAULT_STAT_TOKENS, seq_len: int = 512,
                   progress: bool = True, augment: bool = False) -> list[torch.Tensor]:
     """C_x[l] = E[x xᵀ] (float64) of the input of every attention block, on calibration text.
     augment: the moments of [x; 1] instead (E[x] in the last row and column), for biases."""
     # transformers is imported here: it takes seconds, and the CLI imports this module
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    tok = source_tokenizer(src)
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(str(src))
     ids = torch.tensor(token_stream(tok, "calibration")[:n_tokens])
     if len(ids) < seq_len:
         raise ConversionError("not enough calibration text")
