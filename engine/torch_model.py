@@ -65,26 +65,22 @@ class RotaryKeys:
         return self
 
 
-def key_parametrisation(cfg: dict) -> list[RotaryKeys]:
-    """Per-layer keys of a checkpoint: its factored-keys block, or the original's full keys."""
+def key_parametrisation(cfg: dict) -> tuple[list[RotaryKeys], float]:
+    """Per-layer keys of a checkpoint and its softmax scale: its factored-keys block, or the
+    original's full keys (scale D**-0.5)."""
     n_layers, h, h_kv, d, _ = model_dims(cfg)
     if BLOCK in cfg:
         fk = FactoredKeysConfig.from_hf_config(cfg)
         if fk.inv_freq is None:
-            return [RotaryKeys(r, None) for r in fk.ranks]
+            return [RotaryKeys(r, None) for r in fk.ranks], fk.softmax_scale
         return [RotaryKeys(r, ThinRotaryEmbedding(f, h, fk.rotary_attention_scaling))
-                for r, f in zip(fk.ranks, fk.inv_freq)]
+                for r, f in zip(fk.ranks, fk.inv_freq)], fk.softmax_scale
     if is_gpt2(cfg):
-        return [RotaryKeys(d, None) for _ in range(n_layers)]
+        return [RotaryKeys(d, None) for _ in range(n_layers)], d ** -0.5
     inv, scaling = source_inv_freq(cfg)
     table = inv[None].expand(h_kv, -1).double()
-    return [RotaryKeys(d, ThinRotaryEmbedding(table, h, scaling)) for _ in range(n_layers)]
-
-
-def softmax_scale(cfg: dict) -> float:
-    if BLOCK in cfg:
-        return FactoredKeysConfig.from_hf_config(cfg).softmax_scale
-    return model_dims(cfg)[3] ** -0.5
+    return [RotaryKeys(d, ThinRotaryEmbedding(table, h, scaling)) for _ in range(n_layers)], \
+        d ** -0.5
 
 
 class TorchCausalLM(torch.nn.Module):
@@ -99,8 +95,7 @@ class TorchCausalLM(torch.nn.Module):
         self.gpt2 = is_gpt2(cfg)
         self.n_layers, self.h, self.h_kv, self.d, self.hidden = model_dims(cfg)
         self.w = gpt2_state(cfg, state) if self.gpt2 else dict(state)
-        self.keys = key_parametrisation(cfg)
-        self.scale = softmax_scale(cfg)
+        self.keys, self.scale = key_parametrisation(cfg)
         if self.gpt2:
             self.eps = cfg.get("layer_norm_epsilon", 1e-5)
             self.act = ACT2FN[cfg.get("activation_function", "gelu_new")]
@@ -127,9 +122,11 @@ class TorchCausalLM(torch.nn.Module):
             params.append(p)
         return params
 
-    def trained_state(self) -> dict[str, torch.Tensor]:
-        """The trainable tensors, detached, on the CPU, under their checkpoint names."""
-        return {n: self.w[n].detach().cpu().clone() for n in self._trained_names}
+    def trained_state(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """The trainable tensors (or those of ``names``), detached, on the CPU, under their
+        checkpoint names."""
+        return {n: self.w[n].detach().cpu().clone()
+                for n in (self._trained_names if names is None else names)}
 
     def to_device(self, device: torch.device | str) -> "TorchCausalLM":
         """Move every tensor (weights, rotary tables, parameters) to device."""

@@ -107,8 +107,6 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
     src, dst = Path(src), Path(dst)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = TorchCausalLM(*load_checkpoint(src)).to_device(dev)
-    arch = GPT2_ARCH if family == "gpt2" else LLAMA_ARCH
-    student = TorchCausalLM({**cfg, BLOCK: fk.to_block(), "architectures": [arch]}, state)
     tok = AutoTokenizer.from_pretrained(str(src))
     seq = opts["seq_len"]
     ids = calibration_windows(tok, seq, opts["tokens"] // seq, opts["chat_mix"]).to(dev)
@@ -123,11 +121,12 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
         saved = torch.load(work / "progress.pt", map_location=dev)
         if saved.get("fingerprint") == fp:
             start, x, losses = saved["layer"], saved["x"], saved["losses"]
-            state.update({k: v for k, v in saved["weights"].items()})
-            student.w.update(saved["weights"])
+            state.update(saved["weights"])
             if saved.get("freqs") is not None:
                 freqs = saved["freqs"]
-    student.to_device(dev)
+    arch = GPT2_ARCH if family == "gpt2" else LLAMA_ARCH
+    student = TorchCausalLM({**cfg, BLOCK: fk.to_block(), "architectures": [arch]},
+                            state).to_device(dev)
     work.mkdir(parents=True, exist_ok=True)
     if x is None:
         with torch.no_grad():
@@ -146,7 +145,7 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
                                     learn.get("freq_lr", 1e-4) if learn_freq else None)
         if learn_freq and freqs is not None:
             freqs[i] = student.keys[i].rope.inv_freq.detach().double().cpu()
-        state.update(student.trained_state())
+        state.update(student.trained_state(names))
         losses.append(record)
         bar.set_postfix(rel_mse=f"{record['relative_mse_before']:.3f}->"
                                 f"{record['relative_mse_after']:.3f}")
