@@ -31,6 +31,8 @@ REQUIRED_FIELDS = ("format_version", "key_rank", "head_dim", "rotary_inv_freq", 
                    "source_model")
 # Optional metadata objects, written after the fields above when present.
 METADATA_FIELDS = ("kv_head_merge", "calibration")
+# key_mode (docs/checkpoint-format.md); absent in older checkpoints = "thin".
+KEY_MODES = ("thin", "latent")
 
 
 class FactoredCheckpointError(ValueError):
@@ -81,6 +83,12 @@ class FactoredKeysConfig:
     inv_freq[l]      float64 tensor [num_kv_heads, r_l/2] (None when the model has no RoPE)
     kv_head_merge    the KV head merge the keys were factored after (head_merge), or None
     calibration      the calibration report (calibrate), or None
+    key_mode         "thin" or "latent" (KEY_MODES)
+    latent_groups    latent mode: G independent latents per layer, each shared by
+                     num_kv_heads / G consecutive KV heads (1 = one joint latent)
+
+    Latent mode: ranks[l] = cached key dims per KV head (the H_kv·r_l-dim latent, r_l per
+    slot); inv_freq[l] = the full-width [num_kv_heads, head_dim/2] table of the rebuilt keys.
     """
 
     ranks: tuple[int, ...]
@@ -95,26 +103,38 @@ class FactoredKeysConfig:
     source_architecture: str
     kv_head_merge: dict | None = dataclasses.field(default=None, hash=False)
     calibration: dict | None = dataclasses.field(default=None, hash=False)
+    key_mode: str = "thin"
+    latent_groups: int = 1
+
+    @property
+    def latent(self) -> bool:
+        return self.key_mode == "latent"
+
+    def query_dims(self, layer: int) -> int:
+        """Dims per query head that meet the keys: r (thin) or head_dim (latent)."""
+        return self.head_dim if self.latent else self.ranks[layer]
+
+    def latent_dims(self, layer: int) -> int:
+        """Dims of one latent group of layer l: (num_kv_heads / latent_groups) · r_l."""
+        return self.num_kv_heads // self.latent_groups * self.ranks[layer]
 
     @property
     def uniform_rank(self) -> int | None:
         return self.ranks[0] if len(set(self.ranks)) == 1 else None
-
-    @property
-    def has_rope(self) -> bool:
-        return self.inv_freq is not None
 
     @classmethod
     def build(cls, hf_config: dict, ranks: int | Sequence[int],
               inv_freq: Sequence[Any] | None, *, method: str, source_model: str,
               rotary_attention_scaling: float = 1.0, softmax_scale: float | None = None,
               source_architecture: str | None = None, kv_head_merge: dict | None = None,
-              calibration: dict | None = None) -> "FactoredKeysConfig":
+              calibration: dict | None = None, key_mode: str = "thin",
+              latent_groups: int = 1) -> "FactoredKeysConfig":
         """A new config for a model with `hf_config`'s dimensions (the source's config.json),
         validated exactly like a read one. ranks: one int for every layer, or one per layer;
         inv_freq: per layer a [kv_head][r_l/2] table (nested lists or tensors), None without
         RoPE; softmax_scale defaults to head_dim**-0.5, source_architecture to the config's
-        architectures[0]."""
+        architectures[0]. key_mode="latent": inv_freq per layer is the [kv_head][head_dim/2]
+        table of the reconstructed keys."""
         head_dim = model_dims(hf_config)[3]
         block: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
@@ -129,6 +149,8 @@ class FactoredKeysConfig:
                                     else (hf_config.get("architectures") or [""])[0]),
             "kv_head_merge": kv_head_merge, "calibration": calibration,
         }
+        if key_mode != "thin":
+            block.update(key_mode=key_mode, latent_groups=latent_groups)
         return cls.from_hf_config({**hf_config, BLOCK: block})
 
     @classmethod
@@ -161,7 +183,18 @@ class FactoredKeysConfig:
             if not 1 <= r <= head_dim:
                 raise FactoredCheckpointError(
                     f"config.json {BLOCK}.key_rank[{i}] = {r} is outside 1..head_dim ({head_dim})")
-        inv_freq = _parse_inv_freq(block["rotary_inv_freq"], ranks, n_kv)
+        mode = block.get("key_mode", "thin")
+        if mode not in KEY_MODES:
+            raise FactoredCheckpointError(
+                f"config.json {BLOCK}.key_mode is {mode!r}; expected one of {list(KEY_MODES)}")
+        groups = block.get("latent_groups", 1)
+        if (not isinstance(groups, int) or isinstance(groups, bool) or groups < 1
+                or n_kv % groups):
+            raise FactoredCheckpointError(
+                f"config.json {BLOCK}.latent_groups is {groups!r}; it must divide the "
+                f"{n_kv} KV heads")
+        rope_dims = [head_dim] * n_layers if mode == "latent" else ranks
+        inv_freq = _parse_inv_freq(block["rotary_inv_freq"], rope_dims, n_kv)
         scale = block.get("softmax_scale", head_dim ** -0.5)
         if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
             raise FactoredCheckpointError(f"config.json {BLOCK}.softmax_scale must be a positive number")
@@ -177,7 +210,8 @@ class FactoredKeysConfig:
                    source_model=str(block["source_model"]),
                    source_architecture=str(block.get("source_architecture", "")),
                    kv_head_merge=copy.deepcopy(block.get("kv_head_merge")),
-                   calibration=copy.deepcopy(block.get("calibration")))
+                   calibration=copy.deepcopy(block.get("calibration")),
+                   key_mode=mode, latent_groups=groups)
 
     def to_block(self) -> dict[str, Any]:
         """The JSON block for config.json (inverse of from_hf_config; a new dict each call)."""
@@ -191,6 +225,8 @@ class FactoredKeysConfig:
             "rotary_attention_scaling": self.rotary_attention_scaling, "method": self.method,
             "source_model": self.source_model, "source_architecture": self.source_architecture,
         }
+        if self.latent:
+            block.update(key_mode=self.key_mode, latent_groups=self.latent_groups)
         for name in METADATA_FIELDS:
             if getattr(self, name) is not None:
                 block[name] = copy.deepcopy(getattr(self, name))
@@ -198,6 +234,7 @@ class FactoredKeysConfig:
 
 
 def _parse_inv_freq(value: Any, ranks: list[int], n_kv: int) -> tuple[torch.Tensor, ...] | None:
+    """ranks: the rotated dims per layer (the thin rank, or head_dim for latent keys)."""
     field = f"config.json {BLOCK}.rotary_inv_freq"
     if value is None:
         return None
@@ -243,8 +280,10 @@ def expected_attention_shapes(hf_config: Any, fk: FactoredKeysConfig) -> dict[st
             p = f"transformer.h.{i}.attn"
         else:
             p = f"model.layers.{i}.self_attn"
-        shapes[f"{p}.q_proj.weight"] = (h * r, hidden)
+        shapes[f"{p}.q_proj.weight"] = (h * fk.query_dims(i), hidden)
         shapes[f"{p}.k_proj.weight"] = (h_kv * r, hidden)
+        if fk.latent:
+            shapes[f"{p}.k_up_proj.weight"] = (h_kv * d, fk.latent_dims(i))
         shapes[f"{p}.v_proj.weight"] = (h_kv * d, hidden)
     return shapes
 

@@ -22,9 +22,12 @@ def register() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     from engine.attention.cpu_backend import BACKEND_NAME
+    from engine.attention.latent_backend import BACKEND_NAME as LATENT_BACKEND_NAME
 
-    if BACKEND_NAME not in AttentionBackendEnum._member_map_:
-        register_backend(BACKEND_NAME, "engine.attention.cpu_backend.ThinKeyCPUBackend")
+    for name, path in ((BACKEND_NAME, "engine.attention.cpu_backend.ThinKeyCPUBackend"),
+                       (LATENT_BACKEND_NAME, "engine.attention.latent_backend.LatentKeyBackend")):
+        if name not in AttentionBackendEnum._member_map_:
+            register_backend(name, path)
     supported = set(ModelRegistry.get_supported_archs())
     for arch, path in MODELS.items():
         if arch not in supported:

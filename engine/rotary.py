@@ -77,27 +77,28 @@ class ThinRotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cos_table is not None and q.dtype == torch.float32:
-            return self._forward_cached(positions, q, k)
-        t = positions.shape[0]
-        cos, sin = self.cos_sin(positions)
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        k3 = k.view(t, self.num_kv_heads, self.rank)
-        k3 = k3 * cos + rotate_half(k3) * sin
-        q4 = q.view(t, self.num_kv_heads, self.group, self.rank)
-        q4 = q4 * cos[:, :, None] + rotate_half(q4) * sin[:, :, None]
-        return q4.reshape(q.shape), k3.reshape(k.shape)
+        """Rotated queries [T, H*r] and keys [T, H_kv*r] at positions [T]."""
+        return self.rotate_queries(positions, q), self.rotate_keys(positions, k)
 
-    def _forward_cached(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cos_table.device != q.device:
-            self.cos_table, self.sin_table = self.cos_table.to(q.device), self.sin_table.to(q.device)
-            self.perm = self.perm.to(q.device)
+    def rotate_queries(self, positions: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """q [T, H*r] (query head j uses KV head j // group's table) -> rotated, same shape."""
+        return self._rotate(positions, q, self.group)
+
+    def rotate_keys(self, positions: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """k [T, ..., H_kv*r] (any batch dims after T) -> rotated at positions [T], same shape."""
+        return self._rotate(positions, k, 1)
+
+    def _rotate(self, positions: torch.Tensor, x: torch.Tensor, group: int) -> torch.Tensor:
         t = positions.shape[0]
-        cos = self.cos_table.index_select(0, positions)          # [T, H_kv, r]
-        sin = self.sin_table.index_select(0, positions)          # sign of rotate_half folded in
-        k3 = k.view(t, self.num_kv_heads, self.rank)
-        k_out = (k3 * cos).addcmul_(k3.index_select(-1, self.perm), sin)
-        q4 = q.view(t, self.num_kv_heads, self.group, self.rank)
-        q_out = (q4 * cos[:, :, None]).addcmul_(q4.index_select(-1, self.perm), sin[:, :, None])
-        return q_out.view(q.shape), k_out.view(k.shape)
+        x4 = x.reshape(t, -1, self.num_kv_heads, group, self.rank)
+        if self.cos_table is not None and x.dtype == torch.float32:
+            if self.cos_table.device != x.device:
+                self.cos_table = self.cos_table.to(x.device)
+                self.sin_table = self.sin_table.to(x.device)
+                self.perm = self.perm.to(x.device)
+            cos = self.cos_table.index_select(0, positions)[:, None, :, None]  # [T, 1, H_kv, 1, r]
+            sin = self.sin_table.index_select(0, positions)[:, None, :, None]  # rotate_half's sign in
+            return (x4 * cos).addcmul_(x4.index_select(-1, self.perm), sin).view(x.shape)
+        cos, sin = self.cos_sin(positions)
+        cos, sin = cos.to(x.dtype)[:, None, :, None], sin.to(x.dtype)[:, None, :, None]
+        return (x4 * cos + rotate_half(x4) * sin).reshape(x.shape)

@@ -7,15 +7,17 @@ serves (docs/checkpoint-format.md) and ordinary Hugging Face checkpoints alike:
 
     n = norm(x)
     q = W_q n (+b) [T, H, r]     k = W_k n (+b) [T, H_kv, r]     v = W_v n (+b) [T, H_kv, D]
-    q, k = keys.rotate(q, k)                 (the layer's key parametrisation, e.g. RoPE)
+    q, k = keys.rotate(q, k)                 (the layer's key parametrisation, e.g. RoPE;
+                                              latent keys reconstruct k first)
     o = softmax(scale · q kᵀ + mask) v       (query head h reads KV head h // (H / H_kv))
     x = x + W_o o;   x = x + MLP(norm(x))
 
-The key parametrisation of each layer is a small object (:class:`RotaryKeys`): full keys
-(r = D, the source's RoPE table) and thin keys (r < D, their own per-KV-head table) are the
-same class; merged KV heads are only a smaller H_kv. A new parametrisation implements
-``rotate`` (queries and the keys as cached) and, if the cache holds something other than the
-keys, ``cached_keys`` (what the scores read).
+The key parametrisation of each layer is a small object: :class:`RotaryKeys` covers full keys
+(r = D, the source's RoPE table) and thin keys (r < D, their own per-KV-head table); merged
+KV heads are only a smaller H_kv; :class:`LatentKeys` reconstructs D-dim keys from a pre-RoPE
+latent (k_up_proj) and rotates them with the full-width table. A parametrisation implements
+``dims`` and ``rotate`` (the queries and keys that meet in the scores; those keys are what
+this model caches).
 
 The mask is causal over the cache; an optional per-layer keep mask ``keep[l]`` (bool
 [B, H_kv, S], True = visible) hides evicted tokens from query rows >= ``keep_from``
@@ -46,18 +48,19 @@ class RotaryKeys:
     rank: int
     rope: ThinRotaryEmbedding | None
 
-    def rotate(self, pos: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [B, T, H*r], k [B, T, H_kv*r] at positions pos [T] -> rotated q and k (as cached)."""
+    @property
+    def dims(self) -> int:
+        """Dims per head of the queries and keys that meet in the scores."""
+        return self.rank
+
+    def rotate(self, pos: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+               up: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [B, T, H*r], k [B, T, H_kv*r] at positions pos [T] -> rotated q and k."""
         if self.rope is None:
             return q, k
         b, t = q.shape[:2]
         q, k = self.rope(pos.repeat(b), q.reshape(b * t, -1), k.reshape(b * t, -1))
         return q.view(b, t, -1), k.view(b, t, -1)
-
-    def cached_keys(self, cached: torch.Tensor) -> torch.Tensor:
-        """The cache's key entries [B, H_kv, S, r] -> the keys the scores read (the same)."""
-        return cached
 
     def to(self, device) -> "RotaryKeys":
         if self.rope is not None:
@@ -65,16 +68,54 @@ class RotaryKeys:
         return self
 
 
-def key_parametrisation(cfg: dict) -> tuple[list[RotaryKeys], float]:
+@dataclass
+class LatentKeys:
+    """RoPE-exact latent keys: k_proj gives a pre-RoPE latent c (r dims per KV head, H_kv·r in
+    all, split into ``groups`` groups of consecutive KV heads); KV head h's key is
+    k_h = up[h·D:(h+1)·D] · c_{h // (H_kv/groups)}, rotated with the full-width table like the
+    original model's keys. Queries are full width (D). The serving cache holds c; this model
+    caches the rotated keys it reconstructs, which is the same function of each token."""
+
+    rank: int
+    head_dim: int
+    num_kv_heads: int
+    groups: int
+    rope: ThinRotaryEmbedding | None
+
+    @property
+    def dims(self) -> int:
+        return self.head_dim
+
+    def reconstruct(self, c: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """Latent c [..., H_kv*r] -> pre-RoPE keys [..., H_kv*D] (up: [H_kv*D, r_g])."""
+        g, m, d = self.groups, self.num_kv_heads // self.groups, self.head_dim
+        c = c.unflatten(-1, (g, m * self.rank))                                # [..., G, r_g]
+        k = torch.einsum("...gr,gmdr->...gmd", c, up.view(g, m, d, m * self.rank))
+        return k.flatten(-3)
+
+    def rotate(self, pos: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+               up: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [B, T, H*D], latent k [B, T, H_kv*r] -> rotated q, rotated keys [B, T, H_kv*D]."""
+        return RotaryKeys(self.head_dim, self.rope).rotate(pos, q, self.reconstruct(k, up))
+
+    def to(self, device) -> "LatentKeys":
+        if self.rope is not None:
+            self.rope.to(device)
+        return self
+
+
+def key_parametrisation(cfg: dict) -> tuple[list[RotaryKeys | LatentKeys], float]:
     """Per-layer keys of a checkpoint and its softmax scale: its factored-keys block, or the
     original's full keys (scale D**-0.5)."""
     n_layers, h, h_kv, d, _ = model_dims(cfg)
     if BLOCK in cfg:
         fk = FactoredKeysConfig.from_hf_config(cfg)
-        if fk.inv_freq is None:
-            return [RotaryKeys(r, None) for r in fk.ranks], fk.softmax_scale
-        return [RotaryKeys(r, ThinRotaryEmbedding(f, h, fk.rotary_attention_scaling))
-                for r, f in zip(fk.ranks, fk.inv_freq)], fk.softmax_scale
+        ropes = [None] * n_layers if fk.inv_freq is None else [
+            ThinRotaryEmbedding(f, h, fk.rotary_attention_scaling) for f in fk.inv_freq]
+        if fk.latent:
+            return [LatentKeys(r, d, h_kv, fk.latent_groups, rope)
+                    for r, rope in zip(fk.ranks, ropes)], fk.softmax_scale
+        return [RotaryKeys(r, rope) for r, rope in zip(fk.ranks, ropes)], fk.softmax_scale
     if is_gpt2(cfg):
         return [RotaryKeys(d, None) for _ in range(n_layers)], d ** -0.5
     inv, scaling = source_inv_freq(cfg)
@@ -174,10 +215,11 @@ class TorchCausalLM(torch.nn.Module):
         (index < L) that ``policy.keep_mask`` keeps, per KV head, plus every key >= L."""
         b, t, _ = n.shape
         p, keys = self.prefix(i), self.keys[i]
-        q, k = keys.rotate(pos, self._lin(n, f"{p}.q_proj"), self._lin(n, f"{p}.k_proj"))
+        q, k = keys.rotate(pos, self._lin(n, f"{p}.q_proj"), self._lin(n, f"{p}.k_proj"),
+                           self.w.get(f"{p}.k_up_proj.weight"))
         v = self._lin(n, f"{p}.v_proj")
-        q = q.view(b, t, self.h, keys.rank).transpose(1, 2)
-        k = k.view(b, t, self.h_kv, keys.rank).transpose(1, 2)
+        q = q.view(b, t, self.h, keys.dims).transpose(1, 2)
+        k = k.view(b, t, self.h_kv, keys.dims).transpose(1, 2)
         v = v.view(b, t, self.h_kv, self.d).transpose(1, 2)
         if cache is not None:
             if len(cache) > i:
@@ -185,13 +227,12 @@ class TorchCausalLM(torch.nn.Module):
                 cache[i] = (k, v)
             else:
                 cache.append((k, v))
-        scored = keys.cached_keys(k)
         keep = keep_from = None
         if evict is not None:
             policy, keep_from = evict
-            keep = torch.stack([policy.keep_mask(kb.transpose(0, 1), keep_from) for kb in scored])
+            keep = torch.stack([policy.keep_mask(kb.transpose(0, 1), keep_from) for kb in k])
         mask = self._mask(t, k.shape[2], n.device, keep, keep_from)
-        o = F.scaled_dot_product_attention(q, scored, v, attn_mask=mask,
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            is_causal=mask is None and t > 1, scale=self.scale,
                                            enable_gqa=self.h != self.h_kv)
         o = o.transpose(1, 2).reshape(b, t, self.h * self.d)

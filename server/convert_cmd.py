@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-HELP = ("convert an HF Llama/GPT-2 checkpoint to factored (thin) keys, optionally calibrated, "
-        "and/or merge its KV heads (MHA -> GQA)")
-DESCRIPTION = ("Write a factored checkpoint of SRC at DST (docs/checkpoint-format.md): key "
-               "projections of rank r per KV head, the other factor absorbed into the queries. "
+HELP = ("convert an HF Llama/GPT-2 checkpoint to factored keys (RoPE-exact latent or thin), "
+        "optionally calibrated, and/or merge its KV heads (MHA -> GQA)")
+DESCRIPTION = ("Write a factored checkpoint of SRC at DST (docs/checkpoint-format.md) whose key "
+               "cache holds r dims per KV head. --keys latent (Llama default): a pre-RoPE latent "
+               "of r dims per KV head, from which attention reconstructs the keys and rotates "
+               "them with the source's RoPE; --keys thin (GPT-2 default): rank-r keys, the other "
+               "factor absorbed into the queries, RoPE on the thin dims. "
                "Data-aware initialisation from calibration text (gensim Wikipedia, "
                "calibration split); --calibrate adds QK-only recovery against SRC. "
                "--kv-heads N merges the KV heads into N (a standard GQA checkpoint that "
@@ -21,7 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="HF model directory (safetensors)")
     p.add_argument("dst", help="output directory (written atomically)")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--key-rank", type=int, metavar="R", help="thin key dims per KV head")
+    size.add_argument("--key-rank", type=int, metavar="R",
+                      help="cached key dims per KV head (latent: the layer's latent has "
+                           "R x KV-heads dims)")
     size.add_argument("--key-cache-ratio", type=float, metavar="F",
                       help="kept fraction of key dims, e.g. 0.25 for a 75%% key-cache cut")
     p.add_argument("--kv-heads", type=int, metavar="N",
@@ -35,8 +40,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="after --kv-heads merging, train the merged attention (q/k/v/o) layer by "
                         "layer to match SRC's attention outputs (uses --calib-tokens/--calib-steps), "
                         "then with --e2e-steps end to end against SRC's next-token distributions")
-    p.add_argument("--init", choices=METHODS, default="partial-rope",
-                   help="initialisation (default: partial-rope; see docs/methods.md)")
+    p.add_argument("--keys", choices=("latent", "thin"), default=None,
+                   help="key form (default: latent for Llama-family sources, thin for GPT-2; "
+                        "see docs/methods.md)")
+    p.add_argument("--latent-groups", type=int, default=None, metavar="G",
+                   help="--keys latent: G independent latents per layer, each shared by "
+                        "KV-heads/G heads (default 1: one joint latent; with tensor "
+                        "parallelism each group must sit on one rank)")
+    p.add_argument("--init", choices=METHODS, default=None,
+                   help="thin-key initialisation (default: partial-rope; see docs/methods.md)")
     p.add_argument("--calibrate", action="store_true", help="QK-only calibration against SRC")
     p.add_argument("--stat-tokens", type=int, default=None, metavar="N",
                    help="calibration tokens for the initialisation statistics")
@@ -97,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         summary = convert(args.src, args.dst, key_rank=args.key_rank,
                           key_cache_ratio=args.key_cache_ratio, kv_heads=args.kv_heads,
                           merge_keys=args.merge_keys, recover=recover, init=args.init,
+                          keys=args.keys, latent_groups=args.latent_groups,
                           calibrate=args.calibrate, calibration=calibration or None,
                           stat_tokens=args.stat_tokens or DEFAULT_STAT_TOKENS, force=args.force,
                           progress=not args.quiet)

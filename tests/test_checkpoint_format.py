@@ -38,7 +38,7 @@ def _error(path) -> str:
 
 def test_valid_checkpoint_roundtrip(thin_llama):
     fk = validate_checkpoint_dir(thin_llama)
-    assert fk.ranks == (8, 8) and fk.head_dim == 32 and fk.has_rope
+    assert fk.ranks == (8, 8) and fk.head_dim == 32 and fk.inv_freq is not None
     cfg = json.loads((thin_llama / "config.json").read_text())
     again = FactoredKeysConfig.from_hf_config({**cfg, "factored_keys": fk.to_block()})
     assert again.ranks == fk.ranks and again.softmax_scale == fk.softmax_scale
@@ -100,3 +100,44 @@ def test_converter_rejects_bad_input(tmp_path):
     # GPT-2 (no RoPE) accepts odd ranks
     write_rotary_pair_subset(tiny_gpt2(tmp_path / "g"), tmp_path / "g7", 7)
     assert validate_checkpoint_dir(tmp_path / "g7").ranks == (7, 7)
+
+
+@pytest.fixture(scope="module")
+def latent_llama(tmp_path_factory):
+    from tests.test_engine_latent import write_latent
+    root = tmp_path_factory.mktemp("latent-ckpt")
+    return write_latent(tiny_llama(root / "src"), root / "latent", 8, 1)
+
+
+def test_latent_checkpoint_roundtrip_and_old_blocks_read_as_thin(latent_llama, thin_llama):
+    fk = validate_checkpoint_dir(latent_llama)
+    assert (fk.key_mode, fk.latent_groups, fk.ranks) == ("latent", 1, (8, 8))
+    assert fk.query_dims(0) == 32 and fk.latent_dims(0) == 16
+    assert fk.inv_freq[0].shape == (2, 16)                    # full-width table per KV head
+    cfg = json.loads((latent_llama / "config.json").read_text())
+    again = FactoredKeysConfig.from_hf_config({**cfg, "factored_keys": fk.to_block()})
+    assert again.to_block() == fk.to_block() == cfg["factored_keys"]
+    assert KVLayout.of_factored(fk, "fp16").bytes_per_token == \
+        KVLayout.of_factored(validate_checkpoint_dir(thin_llama), "fp16").bytes_per_token
+    thin_block = json.loads((thin_llama / "config.json").read_text())["factored_keys"]
+    assert "key_mode" not in thin_block                       # thin blocks are written as before
+    assert validate_checkpoint_dir(thin_llama).key_mode == "thin"
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda b: b.update(key_mode="fancy"), "key_mode"),
+    (lambda b: b.update(latent_groups=3), "latent_groups"),
+    (lambda b: b.update(rotary_inv_freq=[[[0.1] * 4] * 2] * 2), "expected [2, 16]"),
+])
+def test_bad_latent_blocks(latent_llama, tmp_path, edit, needle):
+    assert needle in _error(_edit(latent_llama, tmp_path / "bad",
+                                  lambda c: edit(c["factored_keys"])))
+
+
+def test_latent_checkpoint_without_its_up_projection(latent_llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+    bad = _edit(latent_llama, tmp_path / "bad", lambda c: None)
+    st = load_file(bad / "model.safetensors")
+    del st["model.layers.1.self_attn.k_up_proj.weight"]
+    save_file(st, bad / "model.safetensors")
+    assert "k_up_proj.weight is missing" in _error(bad)

@@ -60,9 +60,34 @@ SMALL = dict(stat_tokens=4 * 512, progress=False)
 
 @pytest.mark.parametrize("init", ["best-pairs", "partial-rope"])
 def test_full_rank_conversion_reproduces_llama(sources, tmp_path, init):
-    convert(sources["llama"], tmp_path / "fr", key_rank=16, init=init, **SMALL)
+    convert(sources["llama"], tmp_path / "fr", key_rank=16, keys="thin", init=init, **SMALL)
     diff = (TorchCausalLM.from_dir(tmp_path / "fr")(IDS) - _logits(sources["llama"], IDS)).abs().max()
     assert diff < 1e-4
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_full_rank_latent_conversion_reproduces_llama(sources, tmp_path, groups):
+    """Latent keys at r = D: B A = U Uᵀ W_K with U orthogonal, i.e. the original keys."""
+    s = convert(sources["llama"], tmp_path / "fr", key_rank=16, latent_groups=groups, **SMALL)
+    cfg = json.loads((s.dst / "config.json").read_text())["factored_keys"]
+    assert (cfg["key_mode"], cfg["latent_groups"], cfg["method"]) == ("latent", groups, "latent-pca")
+    diff = (TorchCausalLM.from_dir(s.dst)(IDS) - _logits(sources["llama"], IDS)).abs().max()
+    assert diff < 1e-4
+
+
+def test_latent_keys_beat_thin_keys_at_the_same_cache(sources, tmp_path):
+    """Training-free, at r = 4 of 16: the latent model (exact RoPE, one joint latent) is closer
+    to the source than thin keys (RoPE on 4 dims), and the per-head latent lies between."""
+    ref = torch.log_softmax(_logits(sources["llama"], IDS), -1)
+
+    def kl(dst):
+        lp = torch.log_softmax(TorchCausalLM.from_dir(dst)(IDS), -1)
+        return float((ref.exp() * (ref - lp)).sum(-1).mean())
+    joint = kl(convert(sources["llama"], tmp_path / "j", key_rank=4, **SMALL).dst)
+    per_head = kl(convert(sources["llama"], tmp_path / "h", key_rank=4, latent_groups=2,
+                          **SMALL).dst)
+    thin = kl(convert(sources["llama"], tmp_path / "t", key_rank=4, keys="thin", **SMALL).dst)
+    assert joint <= per_head * 1.01 and joint < thin, (joint, per_head, thin)
 
 
 def test_no_rope_rank_r_keys_convert_exactly(sources, tmp_path):
@@ -88,7 +113,7 @@ def test_converted_models_serve_through_engine(sources, tmp_path):
 @pytest.mark.slow
 def test_calibration_reduces_layer_error_and_resumes(sources, tmp_path):
     cal = {"tokens": 8 * 64, "seq_len": 64, "steps": 25, "batch": 4}
-    s = convert(sources["llama"], tmp_path / "cal", key_rank=4, init="best-pairs",
+    s = convert(sources["llama"], tmp_path / "cal", key_rank=4, keys="thin", init="best-pairs",
                 calibrate=True, calibration=cal, **SMALL)
     cfg = json.loads((s.dst / "config.json").read_text())
     layers = cfg["factored_keys"]["calibration"]["layers"]
@@ -113,12 +138,12 @@ def test_calibration_reduces_layer_error_and_resumes(sources, tmp_path):
                 raise KeyboardInterrupt
         torch.save = stop_after_first
         with pytest.raises(KeyboardInterrupt):
-            convert(sources["llama"], tmp_path / "cal2", key_rank=4, init="best-pairs",
-                    calibrate=True, calibration=cal, **SMALL)
+            convert(sources["llama"], tmp_path / "cal2", key_rank=4, keys="thin",
+                    init="best-pairs", calibrate=True, calibration=cal, **SMALL)
         torch.save = orig_save
         assert not (tmp_path / "cal2").exists()              # nothing that looks like a model
-        convert(sources["llama"], tmp_path / "cal2", key_rank=4, init="best-pairs",
-                calibrate=True, calibration=cal, **SMALL)
+        convert(sources["llama"], tmp_path / "cal2", key_rank=4, keys="thin",
+                init="best-pairs", calibrate=True, calibration=cal, **SMALL)
     finally:
         torch.save = orig_save
         C.calibrate_layer = real
@@ -126,10 +151,30 @@ def test_calibration_reduces_layer_error_and_resumes(sources, tmp_path):
     assert (tmp_path / "cal2" / "config.json").exists()
 
 
+def test_latent_calibration_trains_q_a_b_and_reduces_layer_error(sources, tmp_path):
+    cal = {"tokens": 8 * 64, "seq_len": 64, "steps": 20, "batch": 4}
+    init = convert(sources["llama"], tmp_path / "init", key_rank=4, **SMALL).dst
+    s = convert(sources["llama"], tmp_path / "cal", key_rank=4, calibrate=True, calibration=cal,
+                **SMALL)
+    block = json.loads((s.dst / "config.json").read_text())["factored_keys"]
+    assert block["method"] == "latent-pca+calibrated" and block["key_mode"] == "latent"
+    assert all(x["relative_mse_after"] < x["relative_mse_before"]
+               for x in block["calibration"]["layers"])
+    a, b = TorchCausalLM.from_dir(init).w, TorchCausalLM.from_dir(s.dst).w
+    for name in ("q_proj", "k_proj", "k_up_proj"):
+        assert not torch.equal(a[f"model.layers.0.self_attn.{name}.weight"],
+                               b[f"model.layers.0.self_attn.{name}.weight"]), name
+    assert torch.equal(a["model.layers.0.self_attn.v_proj.weight"],
+                       b["model.layers.0.self_attn.v_proj.weight"])
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--key-rank", "32"], "outside"),                  # head_dim is 16
-    (["--key-rank", "5"], "odd"),
+    (["--keys", "thin", "--key-rank", "5"], "odd"),
     (["--key-cache-ratio", "0"], "key-cache-ratio"),
+    (["--key-rank", "4", "--latent-groups", "3"], "must divide the 2 KV heads"),
+    (["--key-rank", "4", "--init", "best-pairs"], "latent keys are initialised by PCA"),
+    (["--keys", "thin", "--key-rank", "4", "--latent-groups", "2"], "applies to --keys latent"),
 ])
 def test_bad_arguments_one_line_exit_2(sources, tmp_path, args, needle):
     dst = tmp_path / "out"

@@ -1,5 +1,7 @@
 """Llama family (Llama, Mistral, Qwen2-style, SmolLM2) with factored keys, for vLLM.
 
+Thin keys (below); latent keys (key_mode "latent") use engine/models/latent_attention.py.
+
 Identical to vLLM's LlamaForCausalLM except the attention module: q_proj is H×r,
 k_proj is H_kv×r, v_proj H_kv×D, RoPE runs over the r thin dims with the
 checkpoint's frequency table, and the Attention layer is built with
@@ -22,14 +24,10 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
 
 from engine.attention.selector import thin_key_backend
-from engine.models.thin_attention import factored_keys, local_inv_freq, local_kv_heads
+from engine.models.latent_attention import LatentLlamaAttention
+from engine.models.thin_attention import (factored_keys, local_inv_freq, local_kv_heads,
+                                          max_model_len)
 from engine.rotary import ThinRotaryEmbedding
-
-
-def _max_model_len() -> int | None:
-    from vllm.config import get_current_vllm_config
-    mc = get_current_vllm_config().model_config
-    return getattr(mc, "max_model_len", None) if mc is not None else None
 
 
 class FactoredLlamaAttention(nn.Module):
@@ -67,7 +65,7 @@ class FactoredLlamaAttention(nn.Module):
             quant_config=quant_config, prefix=f"{prefix}.o_proj")
         self.rotary_emb = ThinRotaryEmbedding(local_inv_freq(fk, layer, kv_heads), self.num_heads,
                                               fk.rotary_attention_scaling,
-                                              max_position=_max_model_len())
+                                              max_position=max_model_len())
         self.attn = Attention(
             self.num_heads, self.rank, fk.softmax_scale, num_kv_heads=self.num_kv_heads,
             cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.attn",
@@ -82,10 +80,13 @@ class FactoredLlamaAttention(nn.Module):
 
 
 class FactoredLlamaDecoderLayer(LlamaDecoderLayer):
+    """LlamaDecoderLayer with thin-key or latent-key attention (the checkpoint's key_mode)."""
+
     def __init__(self, vllm_config: VllmConfig, prefix: str = "", config=None,
                  attn_layer_type: type[nn.Module] = FactoredLlamaAttention) -> None:
+        latent = factored_keys(config or vllm_config.model_config.hf_config).latent
         super().__init__(vllm_config, prefix=prefix, config=config,
-                         attn_layer_type=FactoredLlamaAttention)
+                         attn_layer_type=LatentLlamaAttention if latent else FactoredLlamaAttention)
 
 
 class FactoredLlamaForCausalLM(LlamaForCausalLM):

@@ -20,6 +20,13 @@ def factored_keys(config: Any) -> FactoredKeysConfig:
     return fk
 
 
+def max_model_len() -> int | None:
+    """The engine's max_model_len (rotary tables are precomputed up to it), None outside one."""
+    from vllm.config import get_current_vllm_config
+    mc = get_current_vllm_config().model_config
+    return getattr(mc, "max_model_len", None) if mc is not None else None
+
+
 def local_kv_heads(total_kv_heads: int, tp_size: int, tp_rank: int) -> list[int]:
     """Global indices of the KV heads held by this tensor-parallel rank (vLLM's QKV split)."""
     if total_kv_heads >= tp_size:

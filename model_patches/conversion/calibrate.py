@@ -1,4 +1,7 @@
-"""QK-only calibration of thin projections: sequential layer-wise attention-output matching.
+"""QK-only calibration of factored keys: sequential layer-wise attention-output matching.
+
+Thin keys train the thin W_q', W_k'; latent keys train W_q, the latent projection A (k_proj)
+and the reconstruction B (k_up_proj).
 
 For layer l, with x_l the STUDENT's own hidden state at that layer (so errors of earlier
 layers are seen and compensated), n_l = norm(x_l):
@@ -89,7 +92,8 @@ def _prefix(family: str, i: int) -> str:
 
 def _thin_names(family: str, i: int) -> tuple[str, ...]:
     p = _prefix(family, i)
-    return (f"{p}.q_proj.weight", f"{p}.k_proj.weight", f"{p}.q_proj.bias")
+    return (f"{p}.q_proj.weight", f"{p}.k_proj.weight", f"{p}.q_proj.bias",
+            f"{p}.k_up_proj.weight")          # the last: latent keys' reconstruction B
 
 
 def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, torch.Tensor],
@@ -133,7 +137,7 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
             x = student.embed(ids, pos)
 
     t0 = time.time()
-    bar = tqdm(range(start, student.n_layers), desc="calibrating thin q/k", unit="layer",
+    bar = tqdm(range(start, student.n_layers), desc=f"calibrating {fk.key_mode} keys", unit="layer",
                disable=not progress, initial=start, total=student.n_layers)
     for i in bar:
         if learn_freq and freqs is not None:

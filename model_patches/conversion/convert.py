@@ -1,16 +1,19 @@
-"""Convert an HF Llama-family or GPT-2-family checkpoint to factored (thin) keys.
+"""Convert an HF Llama-family or GPT-2-family checkpoint to factored keys (latent or thin).
 
-    convert(src, dst, key_rank=16)                          # or key_cache_ratio=0.25
-    convert(src, dst, key_rank=16, init="best-pairs", calibrate=True)
+    convert(src, dst, key_rank=16)                          # latent keys (Llama default)
+    convert(src, dst, key_rank=16, keys="thin", init="best-pairs", calibrate=True)
     convert(src, dst, kv_heads=1)                           # KV head merging only (GQA output)
     convert(src, dst, kv_heads=1, key_rank=32)              # merge first, then factor keys
 
 1. Calibration statistics (model_patches.conversion.activation_stats): the source model runs
    on calibration text (the gensim Wikipedia calibration split, disjoint from evaluation)
    and the second moment C_x = E[x xᵀ] of every layer's attention input is accumulated.
-2. Initialisation, layer by layer: model_patches.conversion.thin_init (data-aware whitened SVD,
-   rotary pair choice) gives each KV head's thin key rows, the absorbed query rows
-   and the RoPE frequency table of the thin dims.
+2. Initialisation, layer by layer. keys="latent" (the default for the Llama family):
+   model_patches.conversion.latent_init (PCA of the pre-RoPE keys) gives each layer's latent
+   projection A (k_proj) and reconstruction B (k_up_proj); queries, values and RoPE stay the
+   source's. keys="thin" (the default for GPT-2, where it is exact algebra):
+   model_patches.conversion.thin_init (data-aware whitened SVD, rotary pair choice) gives each
+   KV head's thin key rows, the absorbed query rows and the RoPE frequency table of the thin dims.
 3. Optional calibration (model_patches.conversion.calibrate): QK-only recovery against the source.
 4. Written atomically through model_patches.conversion.checkpoint_writer.write_factored, with
    the factored-keys block as an engine.checkpoint.FactoredKeysConfig.
@@ -42,9 +45,11 @@ from model_patches.conversion.activation_stats import DEFAULT_STAT_TOKENS, input
 from model_patches.conversion.calibrate import calibrate_thin_qk
 from model_patches.conversion.distill import cleanup
 from model_patches.conversion.checkpoint_writer import ConversionError, read_source, write_factored
+from model_patches.conversion.latent_init import init_latent_state
 from model_patches.conversion.thin_init import METHODS, head_moments, init_head
 
 DEFAULT_INIT = "partial-rope"
+KEY_FORMS = ("latent", "thin")
 
 
 @dataclass
@@ -69,21 +74,50 @@ class ConvertSummary:
                 f"{self.baseline_kv_bytes_per_token / self.kv_bytes_per_token:.2f}x tokens per byte)"]
 
 
+def resolve_keys(family: str, keys: str | None, init: str | None, latent_groups: int | None,
+                 cfg: dict) -> tuple[str, str, int]:
+    """(keys, thin init method, latent groups) with the defaults filled in and checked:
+    latent keys for the Llama family, thin keys (exact without RoPE) for GPT-2."""
+    keys = keys or ("thin" if family == "gpt2" else "latent")
+    if keys not in KEY_FORMS:
+        raise ConversionError(f"--keys {keys!r} is not one of {', '.join(KEY_FORMS)}")
+    if keys == "latent":
+        if family == "gpt2":
+            raise ConversionError("--keys latent needs a Llama-family source (GPT-2 has no RoPE: "
+                                  "thin keys are already exact there; use --keys thin)")
+        if init is not None:
+            raise ConversionError("--init chooses the thin-key initialisation; latent keys are "
+                                  "initialised by PCA (drop --init or pass --keys thin)")
+        h_kv = model_dims(cfg)[2]
+        groups = 1 if latent_groups is None else latent_groups
+        if groups < 1 or h_kv % groups:
+            raise ConversionError(f"--latent-groups {groups} must divide the {h_kv} KV heads")
+        return keys, DEFAULT_INIT, groups
+    if latent_groups is not None:
+        raise ConversionError("--latent-groups applies to --keys latent")
+    init = init or DEFAULT_INIT
+    if init not in METHODS:
+        raise ConversionError(f"--init {init!r} is not one of {', '.join(METHODS)}")
+    return keys, init, 1
+
+
 def resolve_rank(cfg: dict, key_rank: int | None, key_cache_ratio: float | None,
-                 family: str) -> int:
-    """The thin rank from --key-rank or --key-cache-ratio (kept fraction of key dims)."""
+                 family: str, pairs: bool = True) -> int:
+    """The key rank per KV head from --key-rank or --key-cache-ratio (kept fraction of key
+    dims); with RoPE on the thin dims (``pairs``) it must be even."""
     d = model_dims(cfg)[3]
+    pairs = pairs and family == "llama"
     if (key_rank is None) == (key_cache_ratio is None):
         raise ConversionError("give exactly one of --key-rank or --key-cache-ratio")
     if key_cache_ratio is not None:
         if not (0 < key_cache_ratio <= 1) or math.isnan(key_cache_ratio):
             raise ConversionError(f"--key-cache-ratio {key_cache_ratio} must be in (0, 1]")
         key_rank = max(1, round(key_cache_ratio * d))
-        if family == "llama" and key_rank % 2:
+        if pairs and key_rank % 2:
             key_rank += 1
     if not 1 <= key_rank <= d:
         raise ConversionError(f"--key-rank {key_rank} is outside 1..head_dim ({d})")
-    if family == "llama" and key_rank % 2:
+    if pairs and key_rank % 2:
         raise ConversionError(f"--key-rank {key_rank} is odd, but RoPE needs pairs of dims")
     return key_rank
 
@@ -140,15 +174,18 @@ def init_thin_state(cfg: dict, sd: dict[str, torch.Tensor], family: str, rank: i
 
 def convert(src: str | Path, dst: str | Path, *, key_rank: int | None = None,
             key_cache_ratio: float | None = None, kv_heads: int | None = None,
-            merge_keys: str = "complex", recover: dict | None = None, init: str = DEFAULT_INIT,
+            merge_keys: str = "complex", recover: dict | None = None, init: str | None = None,
+            keys: str | None = None, latent_groups: int | None = None,
             calibrate: bool = False, stat_tokens: int = DEFAULT_STAT_TOKENS,
             calibration: dict | None = None, force: bool = False,
             progress: bool = True) -> ConvertSummary | head_merge.MergeSummary:
     """Write a factored checkpoint of `src` at `dst` (see the module docstring); with only
     `kv_heads`, the merged GQA checkpoint (returns a head_merge.MergeSummary). recover (with
-    kv_heads): settings of the merged model's recovery (calibrate.recover_merged), {} = defaults."""
+    kv_heads): settings of the merged model's recovery (calibrate.recover_merged), {} = defaults.
+    keys: "latent" or "thin" (None: latent for the Llama family, thin for GPT-2); init: the
+    thin-key initialisation (thin_init.METHODS); latent_groups: latents per layer (default 1)."""
     src, dst = Path(src), Path(dst)
-    if init not in METHODS:
+    if init is not None and init not in METHODS:
         raise ConversionError(f"--init {init!r} is not one of {', '.join(METHODS)}")
     if dst.exists() and not force:
         raise ConversionError(f"{dst} already exists (pass --force to replace it)")
@@ -160,22 +197,31 @@ def convert(src: str | Path, dst: str | Path, *, key_rank: int | None = None,
     if kv_heads is not None:
         return _merge_then_factor(src, dst, kv_heads, merge_keys, factor, recover,
                                   key_rank=key_rank,
-                                  key_cache_ratio=key_cache_ratio, init=init,
+                                  key_cache_ratio=key_cache_ratio, init=init, keys=keys,
+                                  latent_groups=latent_groups,
                                   calibrate=calibrate, stat_tokens=stat_tokens,
                                   calibration=calibration, force=force, progress=progress)
     cfg, sd, family = read_source(src)
-    rank = resolve_rank(cfg, key_rank, key_cache_ratio, family)
+    keys, init, groups = resolve_keys(family, keys, init, latent_groups, cfg)
+    rank = resolve_rank(cfg, key_rank, key_cache_ratio, family, pairs=keys == "thin")
     moments = input_moments(src, stat_tokens, progress=progress)
-    state, table, scaling = init_thin_state(cfg, sd, family, rank, init, moments, progress,
-                                           src.name)
-    method = f"{init}" if family == "llama" else "whitened-svd"
+    if keys == "latent":
+        state = init_latent_state(cfg, sd, rank, groups, moments, progress)
+        inv, scaling = source_inv_freq(cfg)
+        h_kv = model_dims(cfg)[2]
+        table = [inv[None].expand(h_kv, -1).double() for _ in range(model_dims(cfg)[0])]
+        method = "latent-pca"
+    else:
+        state, table, scaling = init_thin_state(cfg, sd, family, rank, init, moments, progress,
+                                               src.name)
+        method = f"{init}" if family == "llama" else "whitened-svd"
     merge = cfg.get("kv_head_merge")
     if merge:           # a merged model (head_merge): say so, and name the real source
         method = f"kv-merge-{merge['merge_keys']}+{method}"
     fk = FactoredKeysConfig.build(
         cfg, rank, table, method=method, rotary_attention_scaling=scaling,
         source_model=(merge or {}).get("source_model") or cfg.get("_name_or_path") or src.name,
-        kv_head_merge=merge or None)
+        kv_head_merge=merge or None, key_mode=keys, latent_groups=groups)
     if calibrate:       # a new config: method +calibrated, the report (and learned frequencies)
         state, fk = calibrate_thin_qk(src, cfg, family, state, fk, dst=dst, progress=progress,
                                       **(calibration or {}))
@@ -188,7 +234,8 @@ def convert(src: str | Path, dst: str | Path, *, key_rank: int | None = None,
 
 
 def _merge_then_factor(src: Path, dst: Path, kv_heads: int, merge_keys: str, factor: bool,
-                       recover: dict | None, *, key_rank, key_cache_ratio, init, calibrate, stat_tokens, calibration,
+                       recover: dict | None, *, key_rank, key_cache_ratio, init, keys,
+                       latent_groups, calibrate, stat_tokens, calibration,
                        force, progress) -> ConvertSummary | head_merge.MergeSummary:
     """--kv-heads [--key-rank R]: every argument is checked before any work; the merged model
     goes to dst directly, or to a temp dir next to dst that the factoring reads."""
@@ -200,14 +247,16 @@ def _merge_then_factor(src: Path, dst: Path, kv_heads: int, merge_keys: str, fac
                                   "--key-cache-ratio (--recover trains the merged heads)")
         return head_merge.merge_kv_heads(src, dst, kv_heads, merge_keys=merge_keys, recover=recover,
                               stat_tokens=stat_tokens, force=force, progress=progress)
-    resolve_rank(cfg, key_rank, key_cache_ratio, family)
+    merged_cfg = {**cfg, "num_key_value_heads": kv_heads}
+    keys, _, _ = resolve_keys(family, keys, init, latent_groups, merged_cfg)
+    resolve_rank(cfg, key_rank, key_cache_ratio, family, pairs=keys == "thin")
     dst.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-merge-", dir=dst.parent))
     try:
         merged = head_merge.merge_kv_heads(src, work / "merged", kv_heads, merge_keys=merge_keys,
                                 recover=recover, stat_tokens=stat_tokens, progress=progress)
         summary = convert(merged.dst, dst, key_rank=key_rank, key_cache_ratio=key_cache_ratio,
-                          init=init, calibrate=calibrate, stat_tokens=stat_tokens,
+                          init=init, keys=keys, latent_groups=latent_groups, calibrate=calibrate, stat_tokens=stat_tokens,
                           calibration=calibration, force=force, progress=progress)
     finally:
         shutil.rmtree(work, ignore_errors=True)

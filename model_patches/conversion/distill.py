@@ -54,7 +54,8 @@ def e2e_thin_qk(src: str | Path, cfg: dict, state: dict[str, torch.Tensor], fk: 
     block = fk.to_block()
     student_cfg = {**cfg, "factored_keys": block, "architectures": ["FactoredLlamaForCausalLM"]}
     fp_block = {k: v for k, v in block.items() if k != "calibration"}
-    trained, report = e2e_distill(src, student_cfg, state, ("q_proj", "k_proj"),
+    names = ("q_proj", "k_proj", "k_up_proj") if fk.latent else ("q_proj", "k_proj")
+    trained, report = e2e_distill(src, student_cfg, state, names,
                                   dst, fp_block, "end-to-end thin q/k", progress, **settings)
     report["recipe"] = "end-to-end KL(teacher || student), QK only"
     return {**state, **trained}, report
@@ -140,7 +141,8 @@ def e2e_checkpoint(src: str | Path, ckpt: str | Path, dst: str | Path, progress:
     fcfg, st = load_checkpoint(ckpt)
     fk = FactoredKeysConfig.from_hf_config(fcfg)
     cfg = json.loads((src / "config.json").read_text())
-    thin = {k: v for k, v in st.items() if k.endswith(("q_proj.weight", "k_proj.weight"))}
+    thin = {k: v for k, v in st.items()
+            if k.endswith(("q_proj.weight", "k_proj.weight", "k_up_proj.weight"))}
     state, rep = e2e_thin_qk(src, cfg, thin, fk, dst, progress=progress, **settings)
     full = {**load_state_dict(src), **state}
     fk = replace(fk, method=f"{fk.method}+e2e", calibration={**(fk.calibration or {}), "e2e": rep})
