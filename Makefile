@@ -75,12 +75,12 @@ BENCH_QUALITY_ARGS ?=
 bench-quality: $(STAMP)
 	$(BIN)/factorkv eval $(BENCH_QUALITY_ARGS)
 
-# artifact: re-calibrate the default model at key rank RANK (model_patches.conversion.default_variants.RECIPE,
-# ~30 min on 2 CPU cores) and rewrite model_patches/artifacts/SmolLM2-135M-Instruct-thin-r$(RANK).*,
-# the weights `make serve` builds its factored model from.
-RANK ?= 16
+# artifact: re-calibrate the default model as VARIANT (<latent|thin>-r<R>, the recipe in
+# model_patches.conversion.default_variants.RECIPES, ~30-40 min on 2 CPU cores) and rewrite
+# model_patches/artifacts/SmolLM2-135M-Instruct-$(VARIANT).*, the weights `make serve` builds from.
+VARIANT ?= latent-r16
 artifact: $(STAMP)
-	$(BIN)/python -m model_patches.conversion.default_variants regenerate $(RANK)
+	$(BIN)/python -m model_patches.conversion.default_variants regenerate $(VARIANT)
 
 # bench-eviction-quality: L2-norm KV eviction on the default model (keep 0.75/0.5/0.25/0.1, sink 4,
 # window 64; controls at keep 0.5: first 2 layers not evicted, random tokens kept): perplexity,

@@ -1,7 +1,15 @@
-"""Decode throughput: factored default model (thin keys, FactorKV CPU backend) vs the
-unmodified model (vLLM's CPU_ATTN), same batch and context, measured side by side.
+"""Decode throughput: factored default model (thin keys and RoPE-exact latent keys, FactorKV
+CPU backends) vs the unmodified model (vLLM's CPU_ATTN), same batch and context, measured
+side by side.
 
-    python -m loadtests.decode_throughput [--rank 16] [--batches 1,8,32] [--contexts 512,2048]
+    python -m loadtests.decode_throughput [--rank 16] [--keys thin,latent] [--batches 1,8,32]
+                                          [--contexts 512,2048]
+
+Latent keys add arithmetic, not memory: per decoded token and layer they reconstruct every
+cached key, T · H_kv · D · r_L multiply-adds (r_L = H_kv · r), on top of the ordinary
+T · H · 2D of QK + PV and the model's ~N_params per token. At equal efficiency their speed is
+at most (N + L·T·H·2D) / (N + L·T·H·2D + L·T·H_kv·D·r_L) of the original's (the "ceiling"
+column; the report states the numbers it uses).
 
 Method: per (batch B, context C) the B prompts of C tokens are prefilled once
 (max_tokens=1) so the prefix cache holds them; then they are submitted again with
@@ -91,10 +99,47 @@ def factored_copy(src: Path, rank: int) -> Path:
     return dst
 
 
+def latent_copy(src: Path, rank: int) -> Path:
+    """A latent-key copy of src at `rank` (weight PCA of W_K, one joint latent per layer:
+    throughput does not depend on the factors' values), cached next to the source."""
+    import torch
+
+    from engine.checkpoint import FactoredKeysConfig, model_dims
+    from engine.rotary import source_inv_freq
+    from engine.weights import load_checkpoint
+    from model_patches.conversion.checkpoint_writer import write_factored
+    from model_patches.conversion.latent_init import init_latent_state
+    dst = src.parent / f"{src.name}-latent-r{rank}"
+    if not (dst / "config.json").exists():
+        cfg, sd = load_checkpoint(src)
+        n_layers, _, h_kv, _, hidden = model_dims(cfg)
+        state = init_latent_state(cfg, sd, rank, 1, [torch.eye(hidden)] * n_layers, False)
+        inv, scaling = source_inv_freq(cfg)
+        fk = FactoredKeysConfig.build(cfg, rank, [inv[None].expand(h_kv, -1)] * n_layers,
+                                      method="latent-weight-pca", source_model=src.name,
+                                      rotary_attention_scaling=scaling, key_mode="latent")
+        write_factored(src, dst, cfg=cfg, family="llama", state=state, fk=fk)
+    return dst
+
+
+def ceiling(cfg: dict, rank: int, context: int) -> tuple[float, float, float]:
+    """(model multiply-adds per token, attention QK+PV per token, latent reconstruction per
+    token) at one context; ceiling = (a + b) / (a + b + c)."""
+    from engine.checkpoint import model_dims
+    n_layers, h, h_kv, d, hidden = model_dims(cfg)
+    inter = cfg.get("intermediate_size", 4 * hidden)
+    per_layer = hidden * (h * d + 2 * h_kv * d + h * d) + 3 * hidden * inter
+    model = n_layers * per_layer + cfg.get("vocab_size", 0) * hidden
+    attn = n_layers * context * h * 2 * d
+    rebuild = n_layers * context * h_kv * d * (h_kv * rank)
+    return model, attn, rebuild
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="unmodified HF model dir (default: the prepared default model)")
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--keys", default="thin,latent", help="factored forms to time")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--contexts", default="512,2048")
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -115,8 +160,12 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from model_patches.conversion.default_model import prepare_default_model
         base = prepare_default_model()
-    thin = factored_copy(base, args.rank)
-    runs: dict[str, list[dict]] = {"baseline": [], "factored": []}
+    copies = {"thin": factored_copy, "latent": latent_copy}
+    keys = [k for k in args.keys.split(",") if k]
+    if not keys or any(k not in copies for k in keys):
+        ap.error(f"--keys takes a comma list of {', '.join(copies)}")
+    models = {"baseline": base, **{k: copies[k](base, args.rank) for k in keys}}
+    runs: dict[str, list[dict]] = {name: [] for name in models}
     # In-process engine core (so steps can be timed); vLLM would drop the serving process to
     # one torch thread, so give it the machine's cores explicitly, as a served worker has.
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
@@ -124,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     load_before = os.getloadavg()[0]
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
     for rep in range(args.repeats):
-        for name, model in (("baseline", base), ("factored", thin)):
+        for name, model in models.items():
             out = tmp / f"factorkv-decode-{name}-{rep}.json"
             print(f"[{rep + 1}/{args.repeats}] {name}: {model}", flush=True)
             cmd = [sys.executable, "-m", "loadtests.decode_throughput", "--worker", str(model),
@@ -132,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
                    "--new-tokens", str(args.new_tokens), "--kv-cache-memory", args.kv_cache_memory]
             subprocess.run(cmd, check=True, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
             runs[name].append(json.loads(out.read_text()))
-    write_report(args, base, thin, runs, batches, contexts, (load_before, os.getloadavg()[0]),
+    write_report(args, models, runs, batches, contexts, (load_before, os.getloadavg()[0]),
                  env["OMP_NUM_THREADS"])
 
 
@@ -141,34 +190,60 @@ def _median(runs: list[dict], b: int, c: int) -> float:
                              if r["batch"] == b and r["context"] == c)
 
 
-def write_report(args, base: Path, thin: Path, runs: dict, batches, contexts,
+def write_report(args, models: dict[str, Path], runs: dict, batches, contexts,
                  load: tuple[float, float], threads: str) -> None:
     import platform
 
     import torch
     import vllm
+
+    from engine.checkpoint import read_config
+    names = [n for n in models if n != "baseline"]
+    backend = {"thin": "FactorKV's thin-key CPU backend (C++ decode kernel)",
+               "latent": "FactorKV's latent-key backend (torch: gather, one GEMM per step "
+                         "reconstructs every cached key, RoPE, scores)"}
     lines = [
         "# Engine: decode throughput, factored vs unmodified (CPU)", "",
-        f"Command: `python -m loadtests.decode_throughput --rank {args.rank} --batches {args.batches} "
-        f"--contexts {args.contexts} --new-tokens {args.new_tokens} --kv-cache-memory "
-        f"{args.kv_cache_memory} --repeats {args.repeats}`", "",
+        f"Command: `python -m loadtests.decode_throughput --rank {args.rank} --keys {args.keys} "
+        f"--batches {args.batches} --contexts {args.contexts} --new-tokens {args.new_tokens} "
+        f"--kv-cache-memory {args.kv_cache_memory} --repeats {args.repeats}`", "",
         f"Machine: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}; "
         f"torch {torch.__version__}, vLLM {vllm.__version__}; float32, eager, OMP_NUM_THREADS={threads}; "
         f"1-minute load average {load[0]:.2f} before, {load[1]:.2f} after (other jobs on the machine "
         "distort 2-thread OpenMP timings badly).", "",
-        f"- baseline: `{base.name}` on vLLM's CPU_ATTN backend "
+        f"- baseline: `{models['baseline'].name}` on vLLM's CPU_ATTN backend "
         f"({runs['baseline'][0]['num_gpu_blocks']} blocks of {runs['baseline'][0]['block_size']} tokens)",
-        f"- factored: `{thin.name}` (r = {args.rank}) on FactorKV's thin-key CPU backend "
-        f"({runs['factored'][0]['num_gpu_blocks']} blocks of {runs['factored'][0]['block_size']} tokens, "
-        "same KV budget)", "",
+        *[f"- {n}: `{models[n].name}` (r = {args.rank}) on {backend[n]} "
+          f"({runs[n][0]['num_gpu_blocks']} blocks of {runs[n][0]['block_size']} tokens, same KV budget)"
+          for n in names], "",
         "Decode tokens/s (median of repeats; prefill excluded, see the module docstring):", "",
-        "| batch | context | baseline tok/s | factored tok/s | factored / baseline |",
-        "|---:|---:|---:|---:|---:|",
+        "| batch | context | baseline tok/s | " + " | ".join(f"{n} tok/s | {n} / baseline"
+                                                        for n in names)
+        + (" | latent ceiling | latent / ceiling |" if "latent" in names else " |"),
+        "|---:|---:|---:|" + "---:|---:|" * len(names) + ("---:|---:|" if "latent" in names else ""),
     ]
+    cfg = read_config(models["baseline"])
     for c in contexts:
         for b in batches:
-            bt, ft = _median(runs["baseline"], b, c), _median(runs["factored"], b, c)
-            lines.append(f"| {b} | {c} | {bt:.1f} | {ft:.1f} | {ft / bt:.2f}x |")
+            bt = _median(runs["baseline"], b, c)
+            row = f"| {b} | {c} | {bt:.1f} | "
+            for n in names:
+                t = _median(runs[n], b, c)
+                row += f"{t:.1f} | {t / bt:.2f}x | "
+            if "latent" in names:
+                m, a, r = ceiling(cfg, args.rank, c)
+                ceil = (m + a) / (m + a + r)
+                row += f"{ceil:.2f}x | {_median(runs['latent'], b, c) / bt / ceil:.0%} |"
+            lines.append(row.rstrip(" "))
+    if "latent" in names:
+        lines += ["", "Ceiling arithmetic (multiply-adds per decoded token, "
+                  "`loadtests.decode_throughput.ceiling`):", "",
+                  "| context | model | attention QK+PV | latent key reconstruction | ceiling |",
+                  "|---:|---:|---:|---:|---:|"]
+        for c in contexts:
+            m, a, r = ceiling(cfg, args.rank, c)
+            lines.append(f"| {c} | {m / 1e6:.1f} M | {a / 1e6:.1f} M | {r / 1e6:.1f} M | "
+                         f"{(m + a) / (m + a + r):.2f}x |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

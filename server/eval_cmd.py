@@ -16,7 +16,7 @@ def _ints(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
 
 
-DESCRIPTION = ("Perplexity on held-out Wikipedia text, passkey retrieval and greedy chat "
+DESCRIPTION = ("Perplexity on held-out Wikipedia and news text, passkey retrieval and greedy chat "
                "answers of the default model and its factored variants (init-rR: converted, "
                "cal-rR: converted with --calibrate; merge-kvN[-real][-rec[S]][-rR|-cal-rR]: KV "
                "heads merged into N (real: --merge-keys real, rec: --recover, recS: with "
@@ -36,7 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also evaluate this checkpoint, factored or not (repeatable)")
     p.add_argument("--contexts", type=_ints, default=[512, 2048], help="PPL contexts")
     p.add_argument("--eval-tokens", type=int, default=51200,
-                   help="held-out tokens per context (default: %(default)s)")
+                   help="held-out tokens per context and text (default: %(default)s)")
+    p.add_argument("--texts", default="wiki,news",
+                   help="held-out texts for perplexity, comma-separated: wiki (Wikipedia "
+                        "articles), news (Australian news); the first one also ranks the KV "
+                        "bytes vs perplexity table (default: %(default)s)")
     p.add_argument("--passkey-lengths", type=_ints, default=[2048, 4096])
     p.add_argument("--passkey-n", type=int, default=50,
                    help="passkey prompts per length for --passkey-full variants")
@@ -76,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     passkey_n = {v: args.passkey_n if v in full else args.passkey_n_other
                  for v in variants + list(extra) if v in full or v in chat}
     opts = {"variants": variants, "extra": extra, "contexts": args.contexts,
-            "eval_tokens": args.eval_tokens, "passkey_lengths": args.passkey_lengths,
+            "eval_tokens": args.eval_tokens, "texts": [t for t in args.texts.split(",") if t],
+            "passkey_lengths": args.passkey_lengths,
             "passkey_n": passkey_n, "chat": chat, "vllm_variant": args.vllm_variant or None,
             "vllm_ctx": args.vllm_ctx, "passkey_engine": args.passkey_engine, "seed": args.seed, "threads": args.threads,
             "work": args.work, "out": args.out, "progress": not args.quiet}

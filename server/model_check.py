@@ -140,6 +140,20 @@ def kv_bytes_per_token(path: Path, cfg: dict, dtype: str) -> int | None:
     return KVLayout.unfactored(layers, kv_heads, head_dim, nbytes).bytes_per_token
 
 
+def check_latent_groups(cfg: dict, tp: int) -> None:
+    """Latent keys: a joint latent is read by all the KV heads of its group, so each
+    tensor-parallel rank must hold whole groups."""
+    block = cfg.get("factored_keys") or {}
+    if tp <= 1 or block.get("key_mode") != "latent":
+        return
+    kv = cfg.get("num_key_value_heads") or cfg.get("num_attention_heads") or 0
+    groups = block.get("latent_groups", 1)
+    if kv % tp or (kv // tp) % (kv // groups):
+        raise CLIError(f"--tensor-parallel-size {tp}: this latent-key checkpoint shares one "
+                       f"latent among {kv // groups} of its {kv} KV heads, which would span "
+                       f"ranks; convert with --latent-groups a multiple of {tp}")
+
+
 def config_max_len(cfg: dict) -> int | None:
     if cfg.get("rope_scaling") or (cfg.get("rope_parameters") or {}).get("rope_type", "default") != "default":
         return None

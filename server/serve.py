@@ -25,7 +25,8 @@ from server.cli import add_subcommand_parser, main
 from server.errors import CLIError
 from server.guards import add_arguments as add_guard_arguments
 from server.guards import check_arguments as check_guard_arguments
-from server.model_check import check_kv_budget, check_model_dir, config_max_len, resolve_model
+from server.model_check import (check_kv_budget, check_latent_groups, check_model_dir,
+                                config_max_len, resolve_model)
 from server.sizes import size_arg
 
 HELP = "serve a model (default: SmolLM2-135M-Instruct) with vLLM's OpenAI-compatible API"
@@ -196,6 +197,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     cfg = check_model_dir(path, need_tokenizer=need_tok)
     args.model = str(path)
 
+    check_latent_groups(cfg, args.tensor_parallel_size or 1)
     cpu = _on_cpu()
     if cpu:
         _bind_cpu_ranks(args)
@@ -269,6 +271,10 @@ def _install_eviction(args: argparse.Namespace, cfg: dict, cpu: bool) -> None:
             policy.check_context(int(max_len))
     except EvictionConfigError as e:
         raise CLIError(str(e)) from None
+    if (cfg.get("factored_keys") or {}).get("key_mode") == "latent":
+        raise CLIError("--kv-evict does not compose with latent keys in this release: compaction "
+                       "moves tokens, and latent keys are rotated at read time by their position "
+                       "(serve a thin-key build, e.g. --variant thin-r16, to evict)")
     if not cpu:
         raise CLIError("--kv-evict runs on the CPU backend only in this release "
                        "(the GPU cache layouts are not wired yet; see docs/eviction.md)")

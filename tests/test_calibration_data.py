@@ -1,5 +1,6 @@
 """Calibration windows: chat-template conversations from calibration articles only, mixed
-with prose in the asked proportion, deterministic."""
+with prose in the asked proportion, deterministic; varied calibration text (opt-in) in its
+proportion, and the default windows exactly as before the option."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import re
 import pytest
 import torch
 
-from model_patches.conversion.calibration_data import calibration_windows, chat_windows
-from model_patches.text_sets import split
+from model_patches.conversion.calibration_data import (calibration_windows, chat_windows,
+                                                      varied_windows)
+from model_patches.text_sets import VARIED_TEXTS, split, token_stream
 
 
 @pytest.fixture(scope="module")
@@ -44,3 +46,59 @@ def test_mix_proportion(tok):
         assert w.shape == (16, 128)
         chats = sum(tok.decode(r[:4]).startswith("<|im_start|>system") for r in w)
         assert chats == want
+
+
+def _old_calibration_windows(tok, seq_len, n, chat_mix=0.0, seed=0):
+    """calibration_windows as it was before varied_mix existed (the reference)."""
+    n_chat = round(n * chat_mix) if getattr(tok, "chat_template", None) else 0
+    stream = torch.tensor(token_stream(tok, "calibration"))
+    wiki = stream[: len(stream) // seq_len * seq_len].view(-1, seq_len)[: n - n_chat]
+    if n_chat == 0:
+        return wiki
+    mixed = torch.cat((wiki, chat_windows(tok, seq_len, n_chat, seed)))
+    return mixed[torch.randperm(len(mixed), generator=torch.Generator().manual_seed(seed))]
+
+
+@pytest.mark.parametrize("chat_mix, seed", [(0.0, 0), (0.5, 0), (0.25, 3)])
+def test_default_is_unchanged(tok, chat_mix, seed):
+    want = _old_calibration_windows(tok, 128, 16, chat_mix, seed)
+    assert torch.equal(calibration_windows(tok, 128, 16, chat_mix, seed), want)
+    assert torch.equal(calibration_windows(tok, 128, 16, chat_mix, seed, varied_mix=0.0), want)
+
+
+def _rows(tok, name, seq_len):
+    """Every window of seq_len consecutive tokens of a text's stream, as tuples."""
+    s = torch.tensor(token_stream(tok, name))
+    return {tuple(r.tolist()) for r in s[: len(s) // seq_len * seq_len].view(-1, seq_len)}
+
+
+def test_varied_mix(tok):
+    w = calibration_windows(tok, 128, 16, chat_mix=0.25, varied_mix=0.25, seed=1)
+    assert w.shape == (16, 128)
+    assert torch.equal(w, calibration_windows(tok, 128, 16, chat_mix=0.25, varied_mix=0.25, seed=1))
+    kinds = {name: _rows(tok, name, 128) for name in ("calibration", *VARIED_TEXTS)}
+    count = dict.fromkeys(("chat", "calibration", *VARIED_TEXTS), 0)
+    for r in w:
+        if tok.decode(r[:4]).startswith("<|im_start|>system"):
+            count["chat"] += 1
+            continue
+        (name,) = [k for k, rows in kinds.items() if tuple(r.tolist()) in rows]
+        count[name] += 1
+    assert count == {"chat": 4, "calibration": 8, "python-docs": 2, "newsgroups": 2}
+    # varied windows alone: split between the texts, spread over each whole stream
+    v = varied_windows(tok, 128, 5)
+    assert [tuple(r.tolist()) in kinds["python-docs"] for r in v] == [True] * 3 + [False] * 2
+    assert torch.equal(v[0], torch.tensor(token_stream(tok, "python-docs")[:128]))
+    assert len({tuple(r.tolist()) for r in v}) == 5
+    only_news = varied_windows(tok, 128, 2, ("newsgroups",))
+    assert all(tuple(r.tolist()) in kinds["newsgroups"] for r in only_news)
+
+
+def test_varied_mix_errors(tok):
+    with pytest.raises(ValueError, match="exceed 1"):
+        calibration_windows(tok, 128, 16, chat_mix=0.5, varied_mix=0.75)
+    with pytest.raises(ValueError, match="windows of"):
+        varied_windows(tok, 200_000, 2)                  # fewer windows than asked
+    for texts in (("news",), ("evaluation",), ("bogus",)):   # held-out text is never calibration
+        with pytest.raises(ValueError, match="not calibration text"):
+            varied_windows(tok, 128, 2, texts)

@@ -30,12 +30,14 @@ def test_variants_listed():
         dv.prepare_variant("thin-r3")
     with pytest.raises(DefaultModelError, match="unknown"):
         dv.variant_dir("r16")
+    assert dv.parse_variant_name("latent-r16") == ("latent", 16)
+    assert dv.parse_variant_name("thin-16") is None and dv.parse_variant_name("fat-r16") is None
 
 
 def test_build_swaps_only_thin_qk(default_model_dir, cache_with_original):
     out = dv.prepare_variant(dv.DEFAULT_VARIANT, cache_with_original, quiet=True)
     assert out == dv.variant_dir(dv.DEFAULT_VARIANT, cache_with_original)
-    weights, manifest = dv.artifact_paths(int(dv.DEFAULT_VARIANT[6:]))
+    weights, manifest = dv.artifact_paths(dv.DEFAULT_VARIANT)
     man = json.loads(manifest.read_text())
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["FactoredLlamaForCausalLM"]
@@ -46,7 +48,8 @@ def test_build_swaps_only_thin_qk(default_model_dir, cache_with_original):
     for k, v in built.items():
         want = thin[k].float() if k in thin else orig[k]
         assert torch.equal(v, want), k
-    assert len(thin) == 2 * cfg["num_hidden_layers"]
+    latent = cfg["factored_keys"].get("key_mode") == "latent"
+    assert len(thin) == (3 if latent else 2) * cfg["num_hidden_layers"]
     for f in ("tokenizer.json", "chat_template.jinja"):
         assert (out / f).read_bytes() == (default_model_dir / f).read_bytes()
     # idempotent: a second call reads the marker and rewrites nothing
@@ -58,7 +61,7 @@ def test_build_swaps_only_thin_qk(default_model_dir, cache_with_original):
 def test_tampered_artifact_is_refused(cache_with_original, tmp_path, monkeypatch):
     art = tmp_path / "artifacts"
     shutil.copytree(dv.ARTIFACT_DIR, art)
-    weights = art / dv.artifact_paths(16)[0].name
+    weights = art / dv.artifact_paths("thin-r16")[0].name
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
@@ -70,11 +73,11 @@ def test_tampered_artifact_is_refused(cache_with_original, tmp_path, monkeypatch
 
 def test_export_reproduces_the_artifact(default_variant_dir, tmp_path, monkeypatch):
     """Exporting the built checkpoint gives the shipped file again, byte for byte."""
-    shipped = dv.artifact_paths(16)
+    shipped = dv.artifact_paths(dv.DEFAULT_VARIANT)
     monkeypatch.setattr(dv, "ARTIFACT_DIR", tmp_path)
     path = dv.export_artifact(default_variant_dir)
     assert path.read_bytes() == shipped[0].read_bytes()
-    assert json.loads(dv.artifact_paths(16)[1].read_text())["sha256"] == \
+    assert json.loads(dv.artifact_paths(dv.DEFAULT_VARIANT)[1].read_text())["sha256"] == \
         json.loads(shipped[1].read_text())["sha256"]
 
 

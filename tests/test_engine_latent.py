@@ -84,3 +84,27 @@ def test_latent_capacity_equals_thin_keys_of_the_same_rank(latent_models, tmp_pa
     lat = run_vllm(latent_models["joint"], [], tmp_path, **budget)
     assert lat["num_gpu_blocks"] == t["num_gpu_blocks"]
     assert lat["kv_cache_tokens"] == t["kv_cache_tokens"]
+
+
+def test_full_rank_latent_default_model_matches_the_original_through_vllm(default_model_dir,
+                                                                          tmp_path):
+    """SmolLM2 converted to latent keys at r = D (PCA basis, exact up to rounding), served by
+    FactorKV's latent engine, against the original served by stock vLLM: same greedy tokens,
+    logprobs within float32 rounding."""
+    from transformers import AutoTokenizer
+
+    from model_patches.conversion.convert import convert
+
+    lat = convert(default_model_dir, tmp_path / "latent-full", key_rank=64, stat_tokens=2 * 512,
+                  progress=False).dst
+    tok = AutoTokenizer.from_pretrained(str(default_model_dir))
+    texts = ["The capital of France is", "def fibonacci(n):\n    ",
+             "In 1905, Albert Einstein published four papers that"]
+    rounds = [[{"prompt": tok(t)["input_ids"], "max_tokens": 12} for t in texts]]
+    engine = dict(kv_cache_memory_bytes=64 << 20, block_size=16)
+    orig = run_vllm(default_model_dir, rounds, tmp_path, **engine)["rounds"][0]
+    got = run_vllm(lat, rounds, tmp_path, **engine)["rounds"][0]
+    for o, g in zip(orig, got):
+        assert g["tokens"] == o["tokens"]
+        for t, so, sg in zip(o["tokens"], o["logprobs"], g["logprobs"]):
+            assert abs(so[str(t)] - sg[str(t)]) < 1e-3

@@ -253,3 +253,17 @@ def test_kv_budget_fits_exactly(serve_parser, default_model_dir):
     args = finalize_args(serve_parser.parse_args(
         ["--model", str(default_model_dir), "--kv-cache-memory", "256MiB", "--max-model-len", "5632"]))
     assert args.kv_cache_memory_bytes == 256 * 2**20
+
+
+def test_serve_kv_evict_refuses_latent_keys(serve_parser, tmp_path):
+    """Eviction compacts tokens; latent keys are rotated by position at read time: refused."""
+    from server.errors import CLIError
+    from server.serve import finalize_args
+    from tests.engine_utils import tiny_llama
+    from tests.test_engine_latent import write_latent
+
+    ckpt = write_latent(tiny_llama(tmp_path / "src"), tmp_path / "latent", 8, 1)
+    with pytest.raises(CLIError, match="does not compose with latent keys") as e:
+        finalize_args(serve_parser.parse_args(["--model", str(ckpt), "--skip-tokenizer-init",
+                                               "--kv-evict", "keep=0.5"]))
+    assert e.value.code == 2

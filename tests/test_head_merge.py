@@ -238,7 +238,8 @@ def test_bad_kv_heads_in_process(default_model_dir, tmp_path, capsys):
         convert(gpt2, tmp_path / "o1", kv_heads=2, **SMALL)
     src = structured_llama(tmp_path / "src", default_model_dir)
     for kw, needle in (({"kv_heads": 0}, "at least 1"), ({"kv_heads": -2}, "at least 1"),
-                       ({"kv_heads": 9}, "less than"), ({"kv_heads": 2, "key_rank": 5}, "odd"),
+                       ({"kv_heads": 9}, "less than"),
+                       ({"kv_heads": 2, "key_rank": 5, "keys": "thin"}, "odd"),
                        ({"kv_heads": 2, "key_rank": 16}, "outside")):
         with pytest.raises(ConversionError, match=needle):
             convert(src, tmp_path / "o0", **kw, **SMALL)
@@ -267,22 +268,29 @@ def test_quality_variant_names_and_pareto_report(default_model_dir, tmp_path, mo
     from model_patches.evaluation.quality import report as R
     from model_patches.evaluation.quality import variants as V
     assert V.parse_variant("original") == {}
-    assert V.parse_variant("cal-r16") == {"calibrate": True, "key_rank": 16}
+    assert V.parse_variant("cal-r16") == {"calibrate": True, "key_rank": 16, "keys": "thin"}
+    assert V.parse_variant("latent-init-r16") == {"calibrate": False, "key_rank": 16,
+                                                  "keys": "latent"}
+    assert V.parse_variant("latent3-cal-r8") == {"calibrate": True, "key_rank": 8,
+                                                 "keys": "latent", "latent_groups": 3}
     assert V.parse_variant("merge-kv1") == {"kv_heads": 1}
     assert V.parse_variant("merge-kv1-real") == {"kv_heads": 1, "merge_keys": "real"}
-    assert V.parse_variant("merge-kv1-r32") == {"kv_heads": 1, "key_rank": 32}
+    assert V.parse_variant("merge-kv1-r32") == {"kv_heads": 1, "key_rank": 32, "keys": "thin"}
     assert V.parse_variant("merge-kv2-real-cal-r8") == {"kv_heads": 2, "merge_keys": "real",
-                                                        "calibrate": True, "key_rank": 8}
+                                                        "calibrate": True, "key_rank": 8,
+                                                        "keys": "thin"}
     assert V.parse_variant("merge-kv1-rec-cal-r32") == {"kv_heads": 1, "recover": {},
-                                                        "calibrate": True, "key_rank": 32}
+                                                        "calibrate": True, "key_rank": 32,
+                                                        "keys": "thin"}
     assert V.parse_variant("merge-kv1-rec150-r16") == {"kv_heads": 1, "key_rank": 16,
-                                                       "recover": {"e2e_steps": 150}}
+                                                       "recover": {"e2e_steps": 150},
+                                                       "keys": "thin"}
     for name, base in (("merge-kv1-rec150-cal-r32", "merge-kv1-rec150"),
                        ("merge-kv2-real-rec-r8", "merge-kv2-real-rec"),
                        ("merge-kv1-r32", "merge-kv1")):
         assert V.merged_name(V.parse_variant(name)) == base
     for bad in ("merge", "merge-kv", "merge-kv1-imag", "merge-kv1-r", "cal-16", "bogus",
-                "merge-kv1-cal", "merge-kv1-rec-real"):
+                "merge-kv1-cal", "merge-kv1-rec-real", "latent-r16", "latentx-init-r16"):
         assert V.parse_variant(bad) is None, bad
     assert R.pareto_front([(3, 10.0), (1, 30.0), (2, 12.0), (2, 40.0), (3, 11.0)]) == [1, 2, 0]
 
@@ -301,7 +309,7 @@ def test_quality_variant_names_and_pareto_report(default_model_dir, tmp_path, mo
     assert cfg["num_key_value_heads"] == 2 and cfg["factored_keys"]["key_rank"] == 4
     assert R.ckpt_info(both)["method"] == "kv-merge-complex+partial-rope"
     assert sorted(p.name for p in (root / "models").iterdir()) == ["merge-kv2", "merge-kv2-r4"]
-    thin = convert(src, tmp_path / "r4", key_rank=4, **SMALL).dst
+    thin = convert(src, tmp_path / "r4", key_rank=4, keys="thin", **SMALL).dst
     ppl = lambda v: {"ppl": v, "tokens_scored": 63, "seconds": 1.0}   # noqa: E731
     metrics = {"original": {"ppl/ctx64/tokens64": ppl(10.0)},
                "merge-kv2": {"ppl/ctx64/tokens64": ppl(10.5)},

@@ -38,3 +38,16 @@ def test_concurrency_tool_smoke(default_server, tmp_path):
     for png in ("concurrency_running.png", "concurrency_throughput.png", "concurrency_latency.png"):
         assert (out / png).stat().st_size > 1000
     assert "N=3" in proc.stderr          # progress is shown while it runs
+
+
+def test_latent_decode_ceiling_arithmetic():
+    """The decode benchmark's ceiling for latent keys on the default model's shape (30 layers,
+    9/3 heads, D 64, r 16): 0.52x at context 512, 0.27x at 2048 (issue 17's arithmetic)."""
+    from loadtests.decode_throughput import ceiling
+
+    cfg = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+           "hidden_size": 576, "intermediate_size": 1536, "vocab_size": 49152}
+    for ctx, want in ((512, 0.52), (2048, 0.27)):
+        m, a, r = ceiling(cfg, 16, ctx)
+        assert r == 30 * ctx * 3 * 64 * 48 and a == 30 * ctx * 9 * 128
+        assert abs((m + a) / (m + a + r) - want) < 0.01

@@ -144,6 +144,53 @@ def test_report_lists_every_variant(tmp_path, tiny):
     text = out.read_text()
     assert "factorkv eval --x" in text and "| thin | rotary-pair-subset | 8 | 50% | 11.000 | +10.0% |" in text
     assert "100% (2)" in text and "a\\|b" in text and "0.00e+00" in text
+    assert "Perplexity on news" not in text         # results cached before the news text existed
+    # with the news text: its own section, and its timing column ("–" where not computed)
+    metrics["original"]["ppl-news/ctx64/tokens64"] = ppl(20.0)
+    metrics["thin"]["ppl-news/ctx64/tokens64"] = ppl(25.0)
+    write_report(out, ["original", "thin"], {"original": src, "thin": thin}, metrics,
+                 {**opts, "texts": ["wiki", "news"]}, "factorkv eval --x", 60.0)
+    text = out.read_text()
+    wiki, news = text.index("## Perplexity\n"), text.index("## Perplexity on news")
+    assert wiki < news < text.index("## KV bytes per token")
+    assert "| thin | rotary-pair-subset | 8 | 50% | 25.000 | +25.0% |" in text[news:]
+    assert "| original | original | 16 | 0% | 20.000 | – |" in text[news:]
+    assert "| variant | calibration | PPL @64 | PPL news @64 | passkey | chat |" in text
+    del metrics["thin"]["ppl-news/ctx64/tokens64"]       # missing for one variant: "–"
+    write_report(out, ["original", "thin"], {"original": src, "thin": thin}, metrics,
+                 {**opts, "texts": ["wiki", "news"]}, "factorkv eval --x", 60.0)
+    text = out.read_text()
+    assert "| thin | rotary-pair-subset | 8 | 50% | – | – |" in text
+    assert "| thin | – | 1 s | – |" in text
+
+
+def test_evaluate_variant_scores_each_text_once(tmp_path, default_model_dir):
+    """Perplexity on Wikipedia and news at each context, cached per variant: a second run
+    computes nothing; --texts wiki leaves news out; news keys do not touch the wiki ones."""
+    from transformers import AutoTokenizer
+
+    from model_patches.evaluation.quality.run import evaluate_variant
+    from model_patches.evaluation.results_cache import Results
+    src = tiny_llama(tmp_path / "m", layers=1, hidden=32, heads=2, kv_heads=1, vocab=49152)
+    tok = AutoTokenizer.from_pretrained(str(default_model_dir))
+    opts = {"contexts": [32, 64], "eval_tokens": 128, "texts": ["wiki"], "passkey_n": {},
+            "passkey_lengths": [], "seed": 0, "chat": [], "vllm_variant": None, "progress": False}
+    logs: list[str] = []
+    m = evaluate_variant("v", src, tmp_path, tok, opts, logs.append)
+    assert sorted(m) == ["ppl/ctx32/tokens128", "ppl/ctx64/tokens128"]
+    wiki = dict(m)
+    m = evaluate_variant("v", src, tmp_path, tok, {**opts, "texts": ["wiki", "news"]}, logs.append)
+    assert sorted(m) == ["ppl-news/ctx32/tokens128", "ppl-news/ctx64/tokens128",
+                         "ppl/ctx32/tokens128", "ppl/ctx64/tokens128"]
+    assert all(m[k] == wiki[k] for k in wiki)
+    news = m["ppl-news/ctx64/tokens128"]
+    assert news["windows"] == 2 and news["tokens_scored"] == 2 * 63 and news["ppl"] > 1
+    assert m["ppl-news/ctx64/tokens128"]["ppl"] != m["ppl/ctx64/tokens128"]["ppl"]
+    assert Results(tmp_path, "v", src).metrics == m            # on disk
+    mtime = (tmp_path / "results" / "v.json").stat().st_mtime_ns
+    evaluate_variant("v", src, tmp_path, tok, {**opts, "texts": ["wiki", "news"]}, logs.append)
+    assert (tmp_path / "results" / "v.json").stat().st_mtime_ns == mtime   # nothing recomputed
+    assert "[eval] v news ctx 64: PPL" in logs[-1]
 
 
 @pytest.mark.slow
@@ -158,15 +205,21 @@ def test_vllm_prompt_nll_matches_torch(tiny, tmp_path):
     assert got.shape == ref.shape and (got - ref).abs().max() < 1e-3
 
 
-def test_eval_cli_bad_variant_one_line(tmp_path):
+@pytest.mark.parametrize("args, message", [
+    (["--variants", "bogus"], "unknown variant"),
+    (["--texts", "wiki,bogus"], "expected one or more of wiki, news"),
+    (["--eval-tokens", "100000"], "the news text has"),     # Wikipedia has enough, news not
+])
+def test_eval_cli_bad_option_one_line(tmp_path, args, message):
     import subprocess
     import sys
 
     from tests.engine_utils import ROOT
-    proc = subprocess.run([sys.executable, "-m", "server.cli", "eval", "--variants", "bogus",
+    proc = subprocess.run([sys.executable, "-m", "server.cli", "eval", "--variants", "original",
+                           *args,
                            "--work", str(tmp_path), "--out", str(tmp_path / "q.md"), "-q"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "unknown variant" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "q.md").exists()
 
@@ -202,9 +255,9 @@ def test_calibration_learned_freq_and_e2e_pass(default_model_dir, tmp_path):
         shutil.copy(default_model_dir / f, src / f)
     cal = {"tokens": 8 * 64, "seq_len": 64, "steps": 10, "batch": 4, "learn_freq": True,
            "freq_lr": 1e-2, "e2e_steps": 3, "e2e_seq_len": 32, "e2e_batch": 2}
-    plain = convert(src, tmp_path / "plain", key_rank=8, init="best-pairs", stat_tokens=4 * 512,
+    plain = convert(src, tmp_path / "plain", key_rank=8, keys="thin", init="best-pairs", stat_tokens=4 * 512,
                     progress=False)
-    s = convert(src, tmp_path / "cal", key_rank=8, init="best-pairs", calibrate=True,
+    s = convert(src, tmp_path / "cal", key_rank=8, keys="thin", init="best-pairs", calibrate=True,
                 calibration=cal, stat_tokens=4 * 512, progress=False)
     fk = json.loads((s.dst / "config.json").read_text())["factored_keys"]
     fk0 = json.loads((plain.dst / "config.json").read_text())["factored_keys"]
@@ -231,5 +284,7 @@ def test_served_variant_names():
     from model_patches.evaluation.quality.variants import parse_variant, variant_priority
 
     assert parse_variant("served-r16") == {"served_rank": 16}
+    assert parse_variant("served-latent-r16") == {"served_rank": 16, "served_keys": "latent"}
+    assert parse_variant("served-thin-r16") is None
     assert parse_variant("served-16") is None and parse_variant("served-r16-x") is None
     assert variant_priority("served-r16") == 1

@@ -83,17 +83,31 @@ def test_more_ranks_than_cores_is_a_one_line_error(serve):
         serve(tp=8)
 
 
+def test_joint_latent_over_two_ranks_is_a_one_line_error(tmp_path):
+    from server.model_check import check_latent_groups
+
+    cfg = {"num_key_value_heads": 2, "factored_keys": {"key_mode": "latent", "latent_groups": 1}}
+    with pytest.raises(CLIError, match="latent among 2 of its 2 KV heads"):
+        check_latent_groups(cfg, 2)
+    check_latent_groups({**cfg, "factored_keys": {"key_mode": "latent", "latent_groups": 2}}, 2)
+    check_latent_groups(cfg, 1)
+
+
 @pytest.mark.slow
-def test_tp2_greedy_tokens_equal_tp1(tmp_path, monkeypatch):
+@pytest.mark.parametrize("keys", ["thin", "latent"])
+def test_tp2_greedy_tokens_equal_tp1(tmp_path, monkeypatch, keys):
     """A tiny factored Llama (4 query / 2 KV heads: both split over 2 ranks), served with
-    TP = 1 and then TP = 2 with no hand-set binding: the same greedy tokens."""
+    TP = 1 and then TP = 2 with no hand-set binding: the same greedy tokens. Latent keys: one
+    latent per KV head (latent_groups = 2), so each rank holds its own."""
     from model_patches.conversion.checkpoint_writer import write_rotary_pair_subset
     from tests._server import running_server
     from tests.engine_utils import tiny_llama
+    from tests.test_engine_latent import write_latent
 
     monkeypatch.delenv(THREADS_BIND, raising=False)
-    model = write_rotary_pair_subset(tiny_llama(tmp_path / "src", heads=4, kv_heads=2),
-                                     tmp_path / "r8", 8)
+    src = tiny_llama(tmp_path / "src", heads=4, kv_heads=2)
+    model = (write_rotary_pair_subset(src, tmp_path / "r8", 8) if keys == "thin"
+             else write_latent(src, tmp_path / "latent", 8, 2))
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (5, 37, 150)]
     tokens = {}

@@ -14,6 +14,11 @@ the same calibration articles (never the evaluation ones, model_patches.text_set
 
 Each conversation starts at position 0 (as served prompts do) and has as many turns as fill
 ``seq_len`` tokens. Deterministic for a given seed.
+
+Opt-in (``varied_mix``, default 0: the windows are then exactly what they were without it): a
+fraction of the windows from VARIED calibration text (model_patches.text_sets.VARIED_TEXTS:
+the Python language reference and Usenet posts), neither encyclopaedia prose nor any
+evaluation text, so calibration does not fit Wikipedia's style alone.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import random
 
 import torch
 
-from model_patches.text_sets import split, token_stream
+from model_patches.text_sets import CALIBRATION_TEXTS, VARIED_TEXTS, split, token_stream
 
 KINDS = ("ask", "copy", "recall")
 
@@ -73,16 +78,50 @@ def chat_windows(tok, seq_len: int, n: int, seed: int = 0) -> torch.Tensor:
     return torch.tensor(out)
 
 
+def varied_windows(tok, seq_len: int, n: int,
+                   texts: tuple[str, ...] = VARIED_TEXTS) -> torch.Tensor:
+    """[n, seq_len]: n windows of calibration ``texts`` (names of model_patches.text_sets.TEXTS),
+    split as evenly as possible between the texts (the first ones get the remainder), each
+    text's windows spread evenly over its whole token stream (cut into consecutive windows),
+    in text order. Deterministic; raises ValueError when a text has too few windows."""
+    if n and not texts:
+        raise ValueError("varied windows asked for, but no varied texts named")
+    out = []
+    for i, name in enumerate(texts):
+        if name not in CALIBRATION_TEXTS:
+            raise ValueError(f"{name!r} is not calibration text (one of "
+                             f"{', '.join(CALIBRATION_TEXTS)})")
+        k = n // len(texts) + (i < n % len(texts))
+        stream = torch.tensor(token_stream(tok, name))
+        avail = len(stream) // seq_len
+        if k > avail:
+            raise ValueError(f"{name!r} has {avail} windows of {seq_len} tokens, {k} asked "
+                             "(lower varied_mix or seq_len)")
+        windows = stream[: avail * seq_len].view(avail, seq_len)
+        out.append(windows[torch.arange(k) * avail // max(k, 1)])
+    return torch.cat(out) if out else torch.empty(0, seq_len, dtype=torch.long)
+
+
 def calibration_windows(tok, seq_len: int, n: int, chat_mix: float = 0.0,
-                        seed: int = 0) -> torch.Tensor:
-    """[n, seq_len]: round(n·chat_mix) chat windows, the rest consecutive windows of the
-    Wikipedia calibration stream; interleaved (not shuffled: callers sample batches)."""
+                        seed: int = 0, varied_mix: float = 0.0,
+                        varied_texts: tuple[str, ...] = VARIED_TEXTS) -> torch.Tensor:
+    """[n, seq_len]: round(n·chat_mix) chat windows, round(n·varied_mix) windows of the varied
+    texts (:func:`varied_windows`), the rest consecutive windows of the Wikipedia calibration
+    stream; interleaved (not shuffled: callers sample batches). varied_mix = 0 (default)
+    gives exactly the windows of before the option existed."""
     n_chat = round(n * chat_mix) if getattr(tok, "chat_template", None) else 0
+    n_varied = round(n * varied_mix)
+    if n_chat + n_varied > n:
+        raise ValueError(f"chat_mix {chat_mix} + varied_mix {varied_mix} exceed 1")
     stream = torch.tensor(token_stream(tok, "calibration"))
-    wiki = stream[: len(stream) // seq_len * seq_len].view(-1, seq_len)[: n - n_chat]
-    if n_chat == 0:
+    wiki = stream[: len(stream) // seq_len * seq_len].view(-1, seq_len)[: n - n_chat - n_varied]
+    if n_chat == 0 and n_varied == 0:
         return wiki
-    chat = chat_windows(tok, seq_len, n_chat, seed)
-    mixed = torch.cat((wiki, chat))
+    parts = [wiki]
+    if n_chat:
+        parts.append(chat_windows(tok, seq_len, n_chat, seed))
+    if n_varied:
+        parts.append(varied_windows(tok, seq_len, n_varied, tuple(varied_texts)))
+    mixed = torch.cat(parts)
     order = torch.randperm(len(mixed), generator=torch.Generator().manual_seed(seed))
     return mixed[order]

@@ -2,18 +2,21 @@
 model plus a small artifact kept in the repository.
 
 Calibration takes minutes of CPU, so its result for the default model ships with the
-project: ``model_patches/artifacts/SmolLM2-135M-Instruct-thin-r<R>.safetensors`` holds only
-the calibrated thin projections (``q_proj``/``k_proj`` of every layer, float16: H·r + H_kv·r
-rows of `hidden` per layer, ~6.6 MB at r = 16) and ``....json`` its manifest: the file's
-sha256, the checkpoint's ``factored_keys`` block (rank, rotary table, method, calibration
-report) and the command that regenerates it. :func:`prepare_variant` checks the hash, swaps
-the thin weights into the prepared original and writes the checkpoint atomically under
+project: ``model_patches/artifacts/SmolLM2-135M-Instruct-<keys>-r<R>.safetensors`` holds only
+the calibrated projections of every layer, float16: ``q_proj``/``k_proj`` for thin keys
+(H·r + H_kv·r rows of `hidden` per layer, ~6.6 MB at r = 16); ``q_proj``/``k_proj``/``k_up_proj``
+for latent keys (H·D + H_kv·r rows, plus B, ~22 MB at r = 16); ``....json`` is its manifest:
+the file's sha256, the checkpoint's ``factored_keys`` block (rank, key mode, rotary table,
+method, calibration report) and the command that regenerates it. :func:`prepare_variant`
+checks the hash, swaps the weights into the prepared original and writes the checkpoint
+atomically under
 
-    $FACTORKV_CACHE_DIR/models/SmolLM2-135M-Instruct-thin-r<R>-cal
+    $FACTORKV_CACHE_DIR/models/SmolLM2-135M-Instruct-<keys>-r<R>-cal
 
 with a marker recording the artifact's hash (a second call only reads the marker).
-Regenerate an artifact (the calibration with RECIPES[r], then the export) with
-``make artifact RANK=16`` (= ``python -m model_patches.conversion.default_variants regenerate 16``).
+Regenerate an artifact (the calibration with RECIPES[variant], then the export) with
+``make artifact VARIANT=latent-r16`` (= ``python -m model_patches.conversion.default_variants
+regenerate latent-r16``).
 """
 
 from __future__ import annotations
@@ -37,13 +40,19 @@ ARTIFACT_DIR = Path(__file__).resolve().parent.parent / "artifacts"
 DEFAULT_VARIANT = "thin-r16"
 ORIGINAL = "original"
 MARKER = "factorkv-variant.json"
+KEY_FORMS = ("thin", "latent")
 # The calibration recipe of each shipped artifact (model_patches.conversion.calibrate settings).
-# r = 16: layer-wise on 256 windows of 256 tokens (half chat-formatted), 300 Adam steps of
+# thin-r16: layer-wise on 256 windows of 256 tokens (half chat-formatted), 300 Adam steps of
 # 16 windows per layer, then 60 end-to-end KL steps (~30 min on 2 CPU cores).
-# r = 32: the converter's default `--calibrate` (64 windows, 150 steps of 8; ~6 min).
-RECIPES = {16: {"tokens": 256 * 256, "steps": 300, "batch": 16, "e2e_steps": 60, "e2e_lr": 2e-4},
-           32: {}}
-REGENERATE = "make artifact RANK={r}"
+# thin-r32: the converter's default `--calibrate` (64 windows, 150 steps of 8; ~6 min).
+# latent-r16: layer-wise on 128 windows of 256 tokens, 200 steps of 16, then 40 end-to-end
+# KL steps (~40 min on 2 CPU cores).
+RECIPES = {"thin-r16": {"tokens": 256 * 256, "steps": 300, "batch": 16, "e2e_steps": 60,
+                        "e2e_lr": 2e-4},
+           "thin-r32": {},
+           "latent-r16": {"tokens": 128 * 256, "steps": 200, "batch": 16, "e2e_steps": 40,
+                          "e2e_lr": 2e-4}}
+REGENERATE = "make artifact VARIANT={v}"
 
 
 def check_variant(variant: str) -> None:
@@ -53,32 +62,39 @@ def check_variant(variant: str) -> None:
                                 f"(choose from {', '.join(available_variants())})")
 
 
-def _rank(variant: str) -> int:
-    if not variant.startswith("thin-r") or not variant[6:].isdigit():
-        check_variant(variant)          # raises: not a thin-r<R> name
-    return int(variant[6:])
+def parse_variant_name(variant: str) -> tuple[str, int] | None:
+    """("thin" | "latent", rank) of a ``<keys>-r<R>`` name, None for anything else."""
+    keys, _, rank = variant.partition("-r")
+    if keys not in KEY_FORMS or not rank.isdigit():
+        return None
+    return keys, int(rank)
 
 
-def artifact_paths(rank: int) -> tuple[Path, Path]:
-    stem = ARTIFACT_DIR / f"{MODEL_NAME}-thin-r{rank}"
+def artifact_paths(variant: str) -> tuple[Path, Path]:
+    stem = ARTIFACT_DIR / f"{MODEL_NAME}-{variant}"
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
 def available_variants() -> list[str]:
-    """``original`` plus every thin-r<R> whose artifact ships with this installation."""
-    ranks = sorted(int(p.stem.rsplit("-r", 1)[1]) for p in ARTIFACT_DIR.glob(f"{MODEL_NAME}-thin-r*.json"))
-    return [ORIGINAL] + [f"thin-r{r}" for r in ranks]
+    """``original`` plus every <keys>-r<R> whose artifact ships with this installation."""
+    names = [p.stem[len(MODEL_NAME) + 1:] for p in ARTIFACT_DIR.glob(f"{MODEL_NAME}-*.json")]
+    return [ORIGINAL] + sorted((n for n in names if parse_variant_name(n)),
+                               key=lambda n: (parse_variant_name(n)[0] != "latent",
+                                              parse_variant_name(n)))
 
 
 def variant_dir(variant: str, cache_dir=None) -> Path:
     if variant == ORIGINAL:
         return default_model_dir(cache_dir)
-    return default_model_dir(cache_dir).with_name(f"{MODEL_NAME}-thin-r{_rank(variant)}-cal")
+    check_variant(variant)
+    return default_model_dir(cache_dir).with_name(f"{MODEL_NAME}-{variant}-cal")
 
 
-def _thin_keys(state: dict) -> dict[str, torch.Tensor]:
+def _factored_weights(state: dict) -> dict[str, torch.Tensor]:
+    """The tensors a factored build changes: q_proj, k_proj and (latent keys) k_up_proj."""
     return {k: v for k, v in state.items() if k.endswith(("self_attn.q_proj.weight",
-                                                          "self_attn.k_proj.weight"))}
+                                                          "self_attn.k_proj.weight",
+                                                          "self_attn.k_up_proj.weight"))}
 
 
 def export_artifact(ckpt: str | Path) -> Path:
@@ -88,15 +104,16 @@ def export_artifact(ckpt: str | Path) -> Path:
     rank = fk.uniform_rank
     if rank is None:
         raise ValueError("only uniform-rank checkpoints are exported")
+    variant = f"{fk.key_mode}-r{rank}"
     thin = {k: v.to(torch.float16).contiguous()
-            for k, v in _thin_keys(load_file(str(ckpt / "model.safetensors"))).items()}
-    weights, manifest = artifact_paths(rank)
+            for k, v in _factored_weights(load_file(str(ckpt / "model.safetensors"))).items()}
+    weights, manifest = artifact_paths(variant)
     ARTIFACT_DIR.mkdir(parents=True, exist_ok=True)
     save_file(thin, str(weights), metadata={"format": "pt"})
     manifest.write_text(json.dumps({
-        "model": MODEL_NAME, "variant": f"thin-r{rank}", "file": weights.name,
+        "model": MODEL_NAME, "variant": variant, "file": weights.name,
         "sha256": sha256_file(weights), "dtype": "float16", "factored_keys": fk.to_block(),
-        "regenerate": REGENERATE.format(r=rank)}, indent=1) + "\n")
+        "regenerate": REGENERATE.format(v=variant)}, indent=1) + "\n")
     return weights
 
 
@@ -115,7 +132,7 @@ def prepare_variant(variant: str = DEFAULT_VARIANT, cache_dir=None, quiet: bool 
     src = prepare_default_model(cache_dir, force=force, quiet=quiet)
     if variant == ORIGINAL:
         return src
-    weights, manifest_path = artifact_paths(_rank(variant))
+    weights, manifest_path = artifact_paths(variant)
     if not weights.exists():
         raise DefaultModelError(f"{weights} is missing (its manifest is there)")
     manifest = json.loads(manifest_path.read_text())
@@ -132,7 +149,7 @@ def prepare_variant(variant: str = DEFAULT_VARIANT, cache_dir=None, quiet: bool 
                                     f"`{manifest['regenerate']}`")
         state = load_file(str(src / "model.safetensors"))
         thin = load_file(str(weights))
-        missing = set(_thin_keys(state)) - set(thin)
+        missing = set(_factored_weights(state)) - set(thin)
         if missing:
             raise DefaultModelError(f"{weights.name} lacks {sorted(missing)[0]}")
         state.update({k: v.float() for k, v in thin.items()})
@@ -151,14 +168,18 @@ def prepare_variant(variant: str = DEFAULT_VARIANT, cache_dir=None, quiet: bool 
     return out
 
 
-def regenerate(rank: int, cache_dir=None, progress: bool = True) -> Path:
-    """Calibrate the default model at `rank` with RECIPES[rank] (the converter's defaults for
-    other ranks) and export the artifact. Resumable: the calibration keeps its progress next
-    to its work checkpoint in the cache."""
+def regenerate(variant: str, cache_dir=None, progress: bool = True) -> Path:
+    """Calibrate the default model as `variant` (<keys>-r<R>) with RECIPES[variant] (the
+    converter's defaults for others) and export the artifact. Resumable: the calibration keeps
+    its progress next to its work checkpoint in the cache."""
+    parsed = parse_variant_name(variant)
+    if parsed is None:
+        raise DefaultModelError(f"{variant!r} is not a <thin|latent>-r<R> variant name")
+    keys, rank = parsed
     src = prepare_default_model(cache_dir, quiet=not progress)
-    work = src.parent / f".artifact-work-r{rank}"
-    convert(src, work, key_rank=rank, calibrate=True, calibration=dict(RECIPES.get(rank, {})),
-            force=True, progress=progress)
+    work = src.parent / f".artifact-work-{variant}"
+    convert(src, work, key_rank=rank, keys=keys, calibrate=True,
+            calibration=dict(RECIPES.get(variant, {})), force=True, progress=progress)
     path = export_artifact(work)
     shutil.rmtree(work, ignore_errors=True)
     return path
@@ -167,12 +188,12 @@ def regenerate(rank: int, cache_dir=None, progress: bool = True) -> Path:
 def _main(argv: list[str]) -> int:
     import sys
     usage = ("usage: python -m model_patches.conversion.default_variants "
-             "{export CALIBRATED_CHECKPOINT | regenerate RANK}")
+             "{export CALIBRATED_CHECKPOINT | regenerate VARIANT}  (VARIANT: thin-r16, latent-r16, ...)")
     if len(argv) != 2 or argv[0] not in ("export", "regenerate") or \
-            (argv[0] == "regenerate" and not argv[1].isdigit()):
+            (argv[0] == "regenerate" and parse_variant_name(argv[1]) is None):
         print(usage, file=sys.stderr)
         return 2
-    path = export_artifact(argv[1]) if argv[0] == "export" else regenerate(int(argv[1]))
+    path = export_artifact(argv[1]) if argv[0] == "export" else regenerate(argv[1])
     print(f"{path} ({os.path.getsize(path) / 1e6:.1f} MB)")
     return 0
 

@@ -2,7 +2,8 @@
 checkpoints; batched, KV-cached):
 
 * :func:`perplexity`: non-overlapping windows of ``ctx`` tokens; every token of a window but
-  the first is scored with the window as its only context; PPL = exp(Σ NLL / #scored).
+  the first is scored with the window as its only context; PPL = exp(Σ NLL / #scored). On
+  each held-out text of :data:`PPL_TEXTS` (Wikipedia articles and news, two kinds of text).
 * :func:`passkey_prompts` / :func:`passkey_accuracy`: filler text with
   "The pass key is NNNNN. Remember it." at a random depth and a question at the end; greedy;
   exact match of the 5 digits. Prompts are built from token pieces (deterministic for a
@@ -38,12 +39,23 @@ def token_nll(model: TorchCausalLM, hidden: torch.Tensor, targets: torch.Tensor,
     return torch.cat(out)
 
 
-def eval_windows(stream: list[int] | torch.Tensor, ctx: int, n_tokens: int) -> torch.Tensor:
+# held-out texts for perplexity: name (`factorkv eval --texts`) -> model_patches.text_sets name
+PPL_TEXTS = {"wiki": "evaluation", "news": "news"}
+
+
+def ppl_key(text: str, ctx: int, n_tokens: int) -> str:
+    """Result-cache key of the perplexity on a PPL_TEXTS text (Wikipedia keeps the key it
+    had before there were other texts, so cached results stay valid)."""
+    return f"{'ppl' if text == 'wiki' else f'ppl-{text}'}/ctx{ctx}/tokens{n_tokens}"
+
+
+def eval_windows(stream: list[int] | torch.Tensor, ctx: int, n_tokens: int,
+                 name: str = "evaluation text") -> torch.Tensor:
     """Non-overlapping windows [N, ctx] covering at least n_tokens tokens of ``stream``."""
     n = math.ceil(n_tokens / ctx)
     ids = torch.as_tensor(stream, dtype=torch.long)
     if len(ids) < n * ctx:
-        raise EvalError(f"evaluation text has {len(ids)} tokens, {n * ctx} needed")
+        raise EvalError(f"{name} has {len(ids)} tokens, {n * ctx} needed")
     return ids[: n * ctx].view(n, ctx)
 
 

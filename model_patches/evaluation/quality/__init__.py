@@ -17,7 +17,9 @@ Metrics (model_patches.evaluation.tasks on engine.torch_model, plain batched tor
 cached per variant in ``<work>/results/<variant>.json`` keyed by the metric's settings and
 the checkpoint's fingerprint (model_patches.evaluation.results_cache), so a re-run only
 computes what is missing:
-  * perplexity on the held-out Wikipedia split at each context (non-overlapping windows);
+  * perplexity on each held-out text (``--texts``, default both: the held-out Wikipedia
+    split, and news, a kind of text calibration never sees; model_patches.text_sets) at
+    each context (non-overlapping windows);
   * passkey accuracy at each length (greedy, exact match of the 5 digits);
   * greedy answers to 5 chat prompts;
   * for one variant, the perplexity recomputed through the vLLM engine (prompt logprobs of

@@ -1,5 +1,6 @@
-"""The benchmark's report: markdown tables (perplexity, KV bytes per token vs perplexity with
-its Pareto front, the vLLM cross-check, passkey, chat answers, timings) and the Pareto plot."""
+"""The benchmark's report: markdown tables (perplexity on each held-out text, KV bytes per token
+vs perplexity with its Pareto front, the vLLM cross-check, passkey, chat answers, timings) and
+the Pareto plot. Results cached before a text existed render as "–" in its cells."""
 
 from __future__ import annotations
 
@@ -12,8 +13,19 @@ import torch
 
 from engine.checkpoint import BLOCK, FactoredKeysConfig, model_dims
 from engine.kv_layout import kv_layout
+from model_patches.evaluation.tasks import PPL_TEXTS, ppl_key
 
 PARETO_PNG = "quality-pareto.png"
+# per held-out text (tasks.PPL_TEXTS): section title, what the text is, how to read it
+PPL_SECTIONS = {
+    "wiki": ("Perplexity", "Held-out Wikipedia text (the gensim articles with `sha1(title) mod 3 "
+                           "== 0`, model_patches.text_sets; calibration never sees them)", ""),
+    "news": ("Perplexity on news (a second held-out kind of text)",
+             "Held-out news text (Australian news-mail articles of 2000–01, gensim's Lee "
+             "background corpus, model_patches.text_sets; no calibration text is news reporting)",
+             " A Δ much worse here than on Wikipedia means a variant fitted its calibration "
+             "text's style rather than the language."),
+}
 
 
 def _cut(info: dict) -> str:
@@ -56,14 +68,41 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
+def report_texts(opts: dict, metrics: dict[str, dict]) -> list[str]:
+    """The held-out texts to report: opts["texts"], else those any variant has results for."""
+    ctxs, n_tok = opts["contexts"], opts["eval_tokens"]
+    return list(opts.get("texts") or [t for t in PPL_TEXTS if any(
+        ppl_key(t, c, n_tok) in m for m in metrics.values() for c in ctxs)] or ["wiki"])
+
+
+def ppl_table(variants: list[str], ckpts: dict[str, Path], metrics: dict[str, dict],
+              text: str, ctxs: list[int], n_tok: int) -> list[str]:
+    """Markdown: each variant's perplexity on one held-out text at each context and its change
+    against the original ("–" where a result is missing)."""
+    base = metrics["original"]
+    L = ["| variant | method | r | key-cache cut | " + " | ".join(
+        f"PPL @{c} | Δ @{c}" for c in ctxs) + " |", "|" + "---|" * (4 + 2 * len(ctxs))]
+    for v in variants:
+        info = ckpt_info(ckpts[v])
+        cells = []
+        for c in ctxs:
+            m, b = metrics[v].get(ppl_key(text, c, n_tok)), base.get(ppl_key(text, c, n_tok))
+            cells += ["–" if m is None else f"{m['ppl']:.3f}",
+                      "–" if v == "original" or m is None or b is None else
+                      f"{100 * (m['ppl'] / b['ppl'] - 1):+.1f}%"]
+        L.append(f"| {v} | {info['method']} | {info['rank'] or info['head_dim']} | "
+                 f"{_cut(info)} | " + " | ".join(cells) + " |")
+    return L
+
+
 def _kv_rows(variants: list[str], ckpts: dict[str, Path], metrics: dict[str, dict],
-             ctxs: list[int], n_tok: int) -> list[dict]:
+             ctxs: list[int], n_tok: int, text: str = "wiki") -> list[dict]:
     base = metrics["original"]
     rows = []
     for v in variants:
         info = ckpt_info(ckpts[v])
-        ppl = {c: metrics[v][f"ppl/ctx{c}/tokens{n_tok}"]["ppl"] for c in ctxs}
-        delta = {c: ppl[c] / base[f"ppl/ctx{c}/tokens{n_tok}"]["ppl"] - 1 for c in ctxs}
+        ppl = {c: metrics[v][ppl_key(text, c, n_tok)]["ppl"] for c in ctxs}
+        delta = {c: ppl[c] / base[ppl_key(text, c, n_tok)]["ppl"] - 1 for c in ctxs}
         rows.append({"variant": v, **info, "ppl": ppl, "delta": delta})
     ref = next(r["kv_bytes"] for r in rows if r["variant"] == "original")
     for r in rows:
@@ -91,7 +130,7 @@ def kv_table(rows: list[dict], ctxs: list[int]) -> list[str]:
     return L
 
 
-def pareto_plot(path: Path, rows: list[dict], ctxs: list[int]) -> Path:
+def pareto_plot(path: Path, rows: list[dict], ctxs: list[int], text: str = "Wikipedia") -> Path:
     """PNG: perplexity against KV bytes per token, one series per context, the Pareto front
     of each drawn as a step line, points labelled with the variant names."""
     import matplotlib             # here: slow to import, and only the plot needs it
@@ -116,7 +155,7 @@ def pareto_plot(path: Path, rows: list[dict], ctxs: list[int]) -> Path:
         ax.axhline(orig["ppl"][ctxs[0]] * 1.03, color="gray", ls="--", lw=1,
                    label=f"+3% PPL @{ctxs[0]}")
     ax.set_xlabel("KV cache bytes per token (fp16, all layers)")
-    ax.set_ylabel("perplexity (held-out Wikipedia), log scale")
+    ax.set_ylabel(f"perplexity (held-out {text}), log scale")
     ax.set_yscale("log")
     ax.set_title("KV memory vs quality: factored keys, KV head merging, both")
     ax.grid(True, which="both", alpha=0.3)
@@ -130,39 +169,30 @@ def pareto_plot(path: Path, rows: list[dict], ctxs: list[int]) -> Path:
 
 def write_report(path: Path, variants: list[str], ckpts: dict[str, Path],
                  metrics: dict[str, dict], opts: dict, command: str, seconds: float) -> None:
-    base = metrics["original"]
     ctxs, n_tok = opts["contexts"], opts["eval_tokens"]
     L = ["# Quality benchmark: factored (thin) keys on the default model", "",
          f"SmolLM2-135M-Instruct (30 layers, 9 query / 3 KV heads, head_dim 64), float32, CPU "
          f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads). "
          f"Generated by `factorkv eval` ({time.strftime('%Y-%m-%d')}); wall time of this run "
          f"{seconds / 60:.1f} min (cached results are reused, see below).", "",
-         "Reproduce:", "", "```", command, "```", "",
-         "## Perplexity", "",
-         f"Held-out Wikipedia text (the gensim articles with `sha1(title) mod 3 == 0`, "
-         f"model_patches.text_sets; calibration never sees them), the first {n_tok:,} tokens "
-         f"in non-overlapping windows of each context; every token of a window but the first "
-         f"is scored. Plain-torch evaluator (`model_patches/evaluation/tasks.py`).", ""]
-    head = "| variant | method | r | key-cache cut | " + " | ".join(
-        f"PPL @{c} | Δ @{c}" for c in ctxs) + " |"
-    L += [head, "|" + "---|" * (4 + 2 * len(ctxs))]
-    for v in variants:
-        info = ckpt_info(ckpts[v])
-        cells = []
-        for c in ctxs:
-            m = metrics[v].get(f"ppl/ctx{c}/tokens{n_tok}")
-            b = base.get(f"ppl/ctx{c}/tokens{n_tok}")
-            cells += [f"{m['ppl']:.3f}", "–" if v == "original" else
-                      f"{100 * (m['ppl'] / b['ppl'] - 1):+.1f}%"]
-        L.append(f"| {v} | {info['method']} | {info['rank'] or info['head_dim']} | "
-                 f"{_cut(info)} | "
-                 + " | ".join(cells) + " |")
-    L += ["", "Targets (issue 4): 50% cut ≤ +1%, 75% ≤ +3%, 87.5% ≤ +8%.", ""]
-    rows = _kv_rows(variants, ckpts, metrics, ctxs, n_tok)
-    plot = pareto_plot(path.parent / PARETO_PNG, rows, ctxs)
+         "Reproduce:", "", "```", command, "```", ""]
+    texts = report_texts(opts, metrics)
+    for text in texts:
+        title, about, note = PPL_SECTIONS[text]
+        L += [f"## {title}", "",
+              f"{about}, the first {n_tok:,} tokens in non-overlapping windows of each context; "
+              f"every token of a window but the first is scored. Plain-torch evaluator "
+              f"(`model_patches/evaluation/tasks.py`).{note}", "",
+              *ppl_table(variants, ckpts, metrics, text, ctxs, n_tok), ""]
+        if text == texts[0]:
+            L += ["Targets (issue 4): 50% cut ≤ +1%, 75% ≤ +3%, 87.5% ≤ +8%.", ""]
+    rows = _kv_rows(variants, ckpts, metrics, ctxs, n_tok, texts[0])
+    label = "Wikipedia" if texts[0] == "wiki" else texts[0]
+    plot = pareto_plot(path.parent / PARETO_PNG, rows, ctxs, label)
     L += ["## KV bytes per token vs perplexity", "",
           "Every variant's KV cache cost per token (fp16 elements, all layers: "
-          "Σ_l H_kv · (r_l + D) · 2 bytes; `engine/kv_layout.py`) against its perplexity above. "
+          f"Σ_l H_kv · (r_l + D) · 2 bytes; `engine/kv_layout.py`) against its perplexity on "
+          f"{label} above. "
           "Factored keys shrink r, KV head merging (`--kv-heads`, docs/methods.md) shrinks H_kv, "
           "and the two compose. ★: on the Pareto front at context "
           f"{ctxs[0]} (no variant has both fewer bytes and a lower perplexity).", "",
@@ -172,8 +202,8 @@ def write_report(path: Path, variants: list[str], ckpts: dict[str, Path],
     # vLLM check
     vv, vc = opts["vllm_variant"], opts["vllm_ctx"]
     vm = metrics.get(vv, {}).get(f"vllm-ppl/ctx{vc}/tokens{n_tok}") if vv else None
-    if vm:
-        tm = metrics[vv][f"ppl/ctx{vc}/tokens{n_tok}"]
+    tm = metrics.get(vv, {}).get(ppl_key("wiki", vc, n_tok)) if vv else None
+    if vm and tm:               # (the torch number is there unless --texts left Wikipedia out)
         diffs = [abs(a - b) / n for a, b, n in zip(vm["window_nll"], tm["window_nll"],
                                                     [vc - 1] * len(vm["window_nll"]))]
         L += ["## The served engine computes the same model", "",
@@ -230,8 +260,9 @@ def write_report(path: Path, variants: list[str], ckpts: dict[str, Path],
           "`$FACTORKV_CACHE_DIR/quality`, default `~/.cache/factorkv/quality`), keyed by the "
           "metric settings and the checkpoint's fingerprint; a re-run recomputes only what is "
           "missing. Seconds measured when each number was computed:", "",
-          "| variant | calibration | " + " | ".join(f"PPL @{c}" for c in ctxs)
-          + " | passkey | chat |", "|---|---:|" + "---:|" * (len(ctxs) + 2)]
+          "| variant | calibration | " + " | ".join(
+              f"PPL{'' if t == 'wiki' else ' ' + t} @{c}" for t in texts for c in ctxs)
+          + " | passkey | chat |", "|---|---:|" + "---:|" * (len(texts) * len(ctxs) + 2)]
     for v in variants:
         m, info = metrics[v], ckpt_info(ckpts[v])
         cal = "–"
@@ -241,7 +272,8 @@ def write_report(path: Path, variants: list[str], ckpts: dict[str, Path],
                 cal += f" + e2e {info['e2e']['seconds']:.0f} s"
         pk = sum(x.get("seconds", 0) for k, x in m.items() if k.startswith("passkey/"))
         L.append(f"| {v} | {cal} | " + " | ".join(
-            f"{m[f'ppl/ctx{c}/tokens{n_tok}']['seconds']:.0f} s" for c in ctxs)
+            f"{m[ppl_key(t, c, n_tok)]['seconds']:.0f} s" if ppl_key(t, c, n_tok) in m else "–"
+            for t in texts for c in ctxs)
             + f" | {pk:.0f} s | {m.get('chat/v1', {}).get('seconds', 0):.0f} s |")
     L.append("")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,9 @@
 
 :func:`evaluate_variant` computes what the variant's result cache
 (model_patches.evaluation.results_cache.Results, ``<work>/results/<variant>.json``) lacks:
-perplexity at each context, passkey accuracy (through vLLM or torch), greedy chat answers and,
-for one variant, the perplexity recomputed through the vLLM engine. :func:`run_benchmark`
+perplexity on each held-out text (``opts["texts"]``: wiki, news) at each context, passkey
+accuracy (through vLLM or torch), greedy chat answers and, for one variant, the perplexity
+(Wikipedia) recomputed through the vLLM engine. :func:`run_benchmark`
 builds the variants (variants.resolve_variant), evaluates them and writes the report.
 """
 
@@ -44,19 +45,20 @@ def evaluate_variant(name: str, ckpt: Path, root: Path, tok, opts: dict, log=pri
             model = TorchCausalLM.from_dir(ckpt).eval()
         return model
 
-    stream = token_stream(tok, "evaluation")
-    for ctx in opts["contexts"]:
-        key = f"ppl/ctx{ctx}/tokens{opts['eval_tokens']}"
-        if res.get(key) is None:
-            windows = E.eval_windows(stream, ctx, opts["eval_tokens"])
-            t0 = time.time()
-            with tqdm(total=len(windows), desc=f"{name} ppl ctx {ctx}", unit="window",
-                      disable=not opts["progress"]) as bar:
-                nll = E.window_nll(get_model(), windows, max(1, 2048 // ctx), bar).double()
-            res.put(key, {"ppl": float(nll.mean().exp()), "tokens_scored": nll.numel(),
-                          "windows": len(windows), "window_nll": nll.sum(1).tolist(),
-                          "seconds": round(time.time() - t0, 1)})
-        log(f"[eval] {name} ctx {ctx}: PPL {res.get(key)['ppl']:.3f}")
+    for text in opts.get("texts", tuple(E.PPL_TEXTS)):
+        stream = token_stream(tok, E.PPL_TEXTS[text])
+        for ctx in opts["contexts"]:
+            key = E.ppl_key(text, ctx, opts["eval_tokens"])
+            if res.get(key) is None:
+                windows = E.eval_windows(stream, ctx, opts["eval_tokens"], f"the {text} text")
+                t0 = time.time()
+                with tqdm(total=len(windows), desc=f"{name} ppl {text} ctx {ctx}", unit="window",
+                          disable=not opts["progress"]) as bar:
+                    nll = E.window_nll(get_model(), windows, max(1, 2048 // ctx), bar).double()
+                res.put(key, {"ppl": float(nll.mean().exp()), "tokens_scored": nll.numel(),
+                              "windows": len(windows), "window_nll": nll.sum(1).tolist(),
+                              "seconds": round(time.time() - t0, 1)})
+            log(f"[eval] {name} {text} ctx {ctx}: PPL {res.get(key)['ppl']:.3f}")
     n_pk = opts["passkey_n"].get(name, 0)
     for length in opts["passkey_lengths"] if n_pk else ():
         key = f"passkey/len{length}/n{n_pk}/seed{opts['seed']}"
@@ -83,7 +85,7 @@ def evaluate_variant(name: str, ckpt: Path, root: Path, tok, opts: dict, log=pri
         ctx = opts["vllm_ctx"]
         key = f"vllm-ppl/ctx{ctx}/tokens{opts['eval_tokens']}"
         if res.get(key) is None:
-            windows = E.eval_windows(stream, ctx, opts["eval_tokens"])
+            windows = E.eval_windows(token_stream(tok, "evaluation"), ctx, opts["eval_tokens"])
             log(f"[eval] {name}: recomputing ctx {ctx} through vLLM ({windows.numel()} tokens)")
             t0 = time.time()
             out = vllm_check.run(ckpt, windows.tolist(), root / "vllm" / name)
@@ -106,12 +108,20 @@ def run_benchmark(opts: dict, command: str, log=print) -> Path:
     variants = list(opts["variants"]) + [k for k in extra if k not in opts["variants"]]
     if "original" not in variants:
         variants.insert(0, "original")
+    texts = opts.setdefault("texts", list(E.PPL_TEXTS))
+    if not texts or any(t not in E.PPL_TEXTS for t in texts):
+        raise EvalError(f"texts {','.join(texts) or '(none)'}: expected one or more of "
+                        f"{', '.join(E.PPL_TEXTS)}")
     for v in variants:                      # fail on a bad name before any work
         if v not in extra and parse_variant(v) is None:
             raise EvalError(f"unknown variant {v!r} ({VARIANT_NAMES})")
     for name, path in extra.items():
         if not (path / "config.json").is_file():
             raise EvalError(f"--variant {name}={path}: not a checkpoint directory")
+    for text in texts:                      # long enough for every context (else: one line)
+        for ctx in opts["contexts"]:
+            E.eval_windows(token_stream(tok, E.PPL_TEXTS[text]), ctx, opts["eval_tokens"],
+                           f"the {text} text")
     ckpts, metrics = {}, {}
     # compute the most telling variants first (original, calibrated, extra and merged, then
     # init-only); the report keeps the given order

@@ -17,19 +17,30 @@ from model_patches.evaluation.tasks import EvalError
 
 DEFAULT_VARIANTS = ("original", "init-r32", "cal-r32", "init-r16", "cal-r16", "served-r16",
                     "init-r8", "cal-r8",
+                    "latent-init-r32", "latent-init-r16", "latent-init-r8", "latent3-init-r16",
                     "merge-kv1", "merge-kv1-real", "merge-kv1-r32", "merge-kv1-rec")
-VARIANT_NAMES = ("original, init-rR, cal-rR, served-rR, merge-kvN[-real][-rec[S]][-rR|-cal-rR], "
-                 "or NAME=PATH")
+VARIANT_NAMES = ("original, init-rR, cal-rR, latent[G]-init-rR, latent[G]-cal-rR, "
+                 "served[-latent]-rR, "
+                 "merge-kvN[-real][-rec[S]][-rR|-cal-rR], or NAME=PATH")
 
 
 def parse_variant(name: str) -> dict | None:
     """The convert() arguments of a built-in variant name ({} for original), None if the name
-    is not one: init-rR, cal-rR, merge-kvN[-real][-rec[S]], merge-kvN[-real][-rec[S]]-rR,
+    is not one: init-rR, cal-rR (thin keys), latent[G]-init-rR, latent[G]-cal-rR (latent keys,
+    G latent groups, default 1), merge-kvN[-real][-rec[S]], merge-kvN[-real][-rec[S]]-rR,
     merge-kvN[-real][-rec[S]]-cal-rR (real: --merge-keys real, rec: --recover, recS:
     --recover --e2e-steps S)."""
     if name == "original":
         return {}
     parts, out = name.split("-"), {}
+    if parts[0].startswith("latent"):
+        groups = parts[0][len("latent"):]
+        if groups and not groups.isdigit():
+            return None
+        out = {"keys": "latent", **({"latent_groups": int(groups)} if groups else {})}
+        parts = parts[1:]
+        if not parts or parts[0] not in ("init", "cal"):
+            return None
     if parts[0] == "merge":
         if len(parts) < 2 or not parts[1].startswith("kv") or not parts[1][2:].isdigit():
             return None
@@ -47,14 +58,16 @@ def parse_variant(name: str) -> dict | None:
             out["calibrate"], parts = parts[0] == "cal", parts[1:]
     elif parts[0] in ("init", "cal"):
         out["calibrate"], parts = parts[0] == "cal", parts[1:]
-    elif parts[0] == "served":
+    elif parts[0] == "served":           # served-rR (thin artifact), served-latent-rR
+        keys = parts.pop(1) if len(parts) == 3 and parts[1] == "latent" else None
         if len(parts) != 2 or not parts[1].startswith("r") or not parts[1][1:].isdigit():
             return None
-        return {"served_rank": int(parts[1][1:])}
+        return {"served_rank": int(parts[1][1:]), **({"served_keys": keys} if keys else {})}
     else:
         return None
     if len(parts) != 1 or not parts[0].startswith("r") or not parts[0][1:].isdigit():
         return None
+    out.setdefault("keys", "thin")
     out["key_rank"] = int(parts[0][1:])
     return out
 
@@ -89,14 +102,16 @@ def resolve_variant(name: str, root: Path, src: Path, extra: dict[str, Path],
     if spec is None:
         raise EvalError(f"unknown variant {name!r} ({VARIANT_NAMES})")
     if "served_rank" in spec:
-        return prepare_variant(f"thin-r{spec['served_rank']}", quiet=not progress)
+        return prepare_variant(f"{spec.get('served_keys', 'thin')}-r{spec['served_rank']}",
+                               quiet=not progress)
     path = root / "models" / name
     if not (path / "config.json").exists():
         if "kv_heads" in spec and "key_rank" in spec:
             # merged, then factored: factor the merged variant (built on first use and cached),
             # which is what `convert --kv-heads N --key-rank R` does in a temp dir
             src = resolve_variant(merged_name(spec), root, src, extra, progress)
-            spec = {k: v for k, v in spec.items() if k in ("key_rank", "calibrate")}
+            spec = {k: v for k, v in spec.items()
+                    if k in ("key_rank", "calibrate", "keys", "latent_groups")}
         t0 = time.time()
         print(f"[eval] building {name}: factorkv convert {src} {path}{_cli_flags(spec)}",
               file=sys.stderr, flush=True)
