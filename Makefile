@@ -46,7 +46,7 @@ test: $(STAMP)
 
 # Benchmarks (not tests; minutes to tens of minutes on 2 cores). Reports go to docs/results/.
 #   bench-concurrency: baseline vs r=16 factored default model under one KV budget
-#   bench-decode:      decode tokens/s, factored vs unmodified, same batch and context
+#   bench-decode:      decode tokens/s, thin and latent keys vs unmodified, same batch and context
 BENCH_CONCURRENCY_ARGS ?= --kv-cache-memory 1GiB --context 2048 --output-tokens 64 --users 4,8,16,24 --requests-per-user 2
 BENCH_DECODE_ARGS      ?= --rank 16 --batches 1,8,32 --contexts 512,2048 --new-tokens 32 --kv-cache-memory 4GiB
 BENCH_EVICTION_ARGS    ?= --configs baseline,evict,factored,factored+evict --kv-evict keep=0.5 --block-size 32 --kv-cache-memory 1GiB --context 2048 --output-tokens 64 --users 16,40 --requests-per-user 1 --name eviction-concurrency
@@ -62,8 +62,8 @@ bench-decode: $(STAMP)
 	$(BIN)/python -m loadtests.decode_throughput $(BENCH_DECODE_ARGS)
 
 # bench-goodput: multi-turn chat users within a latency SLO at one small KV budget: original vs the
-# served default vs default + eviction, N = 2..6 users, GuideLLM as the load client
-# -> docs/results/goodput.md (~30 min on 2 cores; every point time-bounded).
+# served default (latent keys) vs thin keys vs thin keys + eviction, N = 2..6 users, GuideLLM as
+# the load client -> docs/results/goodput.md (~40 min on 2 cores; every point time-bounded).
 BENCH_GOODPUT_ARGS ?=
 bench-goodput: $(STAMP)
 	$(BIN)/python -m loadtests.goodput $(BENCH_GOODPUT_ARGS)

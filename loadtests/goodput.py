@@ -1,7 +1,7 @@
 """Multi-turn chat goodput under one KV budget: how many chat users each server configuration
 serves within a latency SLO (``make bench-goodput``).
 
-    python -m loadtests.goodput [--configs original,default,default+evict]
+    python -m loadtests.goodput [--configs original,default,thin,thin+evict]
         [--kv-cache-memory 96MiB] [--users 2,3,4,5,6] [--turns 6] [--think-time 2]
         [--slo-ttft-ms 2500] [--slo-tpot-ms 500] [--slo-attainment 0.9]
 
@@ -9,8 +9,10 @@ For each configuration a ``factorkv serve`` with the same ``--kv-cache-memory`` 
 ``--block-size`` is started on 127.0.0.1 (loadtests/server_process.py), one after the other:
 
 * ``original``: the unmodified default model (``--variant original``);
-* ``default``: the served default (no ``--variant``: calibrated r = 16 factored keys);
-* ``default+evict``: the served default with ``--kv-evict keep=0.5``.
+* ``default``: the served default (no ``--variant``: calibrated r = 16 latent keys);
+* ``thin``: the calibrated r = 16 thin-key build (``--variant thin-r16``, the previous default);
+* ``thin+evict``: that build with ``--kv-evict keep=0.5`` (eviction does not compose with
+  latent keys in this release).
 
 Against each, N simulated chat users for every N of ``--users``, driven by GuideLLM
 (loadtests/goodput_client.py says how the conversations look). Recorded per point: TTFT and
@@ -41,7 +43,8 @@ from loadtests.metrics import get_json
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"original": ("--variant", "original"), "default": (),
-           "default+evict": ("--kv-evict", None)}     # None: --kv-evict's value
+           "thin": ("--variant", "thin-r16"),
+           "thin+evict": ("--variant", "thin-r16", "--kv-evict", None)}  # None: --kv-evict's value
 
 
 def sweep(url: str, label: str, tokenizer: str, args, wl: Workload, slo: SLO,
@@ -72,11 +75,11 @@ def sweep(url: str, label: str, tokenizer: str, args, wl: Workload, slo: SLO,
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="original,default,default+evict",
+    ap.add_argument("--configs", default="original,default,thin,thin+evict",
                     help="servers to compare, first = reference: " + ", ".join(CONFIGS))
     ap.add_argument("--kv-cache-memory", default="96MiB", help="KV budget of every server")
     ap.add_argument("--block-size", type=int, default=32, help="KV block size of every server")
-    ap.add_argument("--kv-evict", default="keep=0.5", help="eviction policy of default+evict")
+    ap.add_argument("--kv-evict", default="keep=0.5", help="eviction policy of thin+evict")
     ap.add_argument("--users", default="2,3,4,5,6", help="simulated users per point, comma-separated")
     w, s = Workload(), SLO()
     ap.add_argument("--turns", type=int, default=w.turns)
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                   "--max-model-len", str(wl.max_context() + 64), "--disable-uvicorn-access-log")
         for config in args.config_list:
             extra = tuple(args.kv_evict if a is None else a for a in CONFIGS[config])
-            label = config if config != "default+evict" else f"default+evict {args.kv_evict}"
+            label = f"{config} {args.kv_evict}" if config.endswith("+evict") else config
             print(f"starting {label}", file=sys.stderr, flush=True)
             with running_server(*common, *extra) as srv:
                 run = sweep(srv.base_url, label, tokenizer, args, wl, slo, work_dir)

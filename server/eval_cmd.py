@@ -17,8 +17,10 @@ def _ints(s: str) -> list[int]:
 
 
 DESCRIPTION = ("Perplexity on held-out Wikipedia and news text, passkey retrieval and greedy chat "
-               "answers of the default model and its factored variants (init-rR: converted, "
-               "cal-rR: converted with --calibrate; merge-kvN[-real][-rec[S]][-rR|-cal-rR]: KV "
+               "answers of the default model and its factored variants (init-rR: converted to "
+               "thin keys, cal-rR: converted with --calibrate; latent[G]-init-rR, "
+               "latent[G]-cal-rR: RoPE-exact latent keys, G latent groups; served[-latent]-rR: "
+               "the shipped build; merge-kvN[-real][-rec[S]][-rR|-cal-rR]: KV "
                "heads merged into N (real: --merge-keys real, rec: --recover, recS: with "
                "S end-to-end steps), then "
                "optionally factored; built on first use), plus one row "
@@ -27,11 +29,10 @@ DESCRIPTION = ("Perplexity on held-out Wikipedia and news text, passkey retrieva
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from model_patches.evaluation.quality.variants import DEFAULT_VARIANTS
+    from model_patches.evaluation.quality.variants import DEFAULT_VARIANTS, VARIANT_NAMES
 
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                   help="comma-separated: original, init-rR, cal-rR, "
-                        "merge-kvN[-real][-rec[S]][-rR|-cal-rR] (default: %(default)s)")
+                   help=f"comma-separated: {VARIANT_NAMES} (default: %(default)s)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=PATH",
                    help="also evaluate this checkpoint, factored or not (repeatable)")
     p.add_argument("--contexts", type=_ints, default=[512, 2048], help="PPL contexts")
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     full = {v for v in args.passkey_full.split(",") if v}
     # chat and passkey for all but the training-free init-rR variants; passkey for --passkey-full
     chat = [v for v in variants + list(extra) if v == "original"
-            or v.startswith(("cal-", "merge-", "served-")) or v in extra]
+            or v.startswith(("cal-", "merge-", "served-")) or "-cal-" in v or v in extra]
     passkey_n = {v: args.passkey_n if v in full else args.passkey_n_other
                  for v in variants + list(extra) if v in full or v in chat}
     opts = {"variants": variants, "extra": extra, "contexts": args.contexts,

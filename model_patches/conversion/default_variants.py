@@ -37,7 +37,7 @@ from model_patches.conversion.default_model import (MODEL_NAME, DefaultModelErro
                                                     prepare_default_model, sha256_file)
 
 ARTIFACT_DIR = Path(__file__).resolve().parent.parent / "artifacts"
-DEFAULT_VARIANT = "thin-r16"
+DEFAULT_VARIANT = "latent-r16"
 ORIGINAL = "original"
 MARKER = "factorkv-variant.json"
 KEY_FORMS = ("thin", "latent")

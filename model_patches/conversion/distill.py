@@ -55,8 +55,8 @@ def e2e_thin_qk(src: str | Path, cfg: dict, state: dict[str, torch.Tensor], fk: 
     student_cfg = {**cfg, "factored_keys": block, "architectures": ["FactoredLlamaForCausalLM"]}
     fp_block = {k: v for k, v in block.items() if k != "calibration"}
     names = ("q_proj", "k_proj", "k_up_proj") if fk.latent else ("q_proj", "k_proj")
-    trained, report = e2e_distill(src, student_cfg, state, names,
-                                  dst, fp_block, "end-to-end thin q/k", progress, **settings)
+    trained, report = e2e_distill(src, student_cfg, state, names, dst, fp_block,
+                                  f"end-to-end {fk.key_mode} keys", progress, **settings)
     report["recipe"] = "end-to-end KL(teacher || student), QK only"
     return {**state, **trained}, report
 
