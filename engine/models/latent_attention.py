@@ -15,7 +15,8 @@ from torch import nn
 
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention import Attention
-from vllm.model_executor.layers.attention.attention import (unified_attention_with_output,
+from vllm.model_executor.layers.attention.attention import (_encode_layer_name,
+                                                            unified_attention_with_output,
                                                             unified_kv_cache_update)
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.models.utils import extract_layer_index
@@ -32,7 +33,8 @@ from engine.torch_model import LatentKeys
 class LatentAttention(Attention):
     """vLLM's Attention with queries of D dims per head while the cached key slot has r:
     its own views ([T, H, D] queries, [T, H_kv, r] latent, [T, H_kv, D] values), then the
-    same cache-update and attention ops as Attention.forward (eager)."""
+    same cache-update and attention ops as Attention.forward (direct calls where vLLM makes
+    them, its registered custom ops otherwise, e.g. on CUDA under torch.compile)."""
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 output_shape=None, output_dtype=None) -> torch.Tensor:
@@ -42,9 +44,15 @@ class LatentAttention(Attention):
         q = query.reshape(t, self.num_heads, d)
         k = key.view(t, self.num_kv_heads, self.head_size)
         v = value.view(t, self.num_kv_heads, d)
-        dep = unified_kv_cache_update(k, v, self.layer_name)
-        unified_attention_with_output(q, k, v, output.view(t, self.num_heads, d), self.layer_name,
-                                      kv_cache_dummy_dep=dep)
+        out = output.view(t, self.num_heads, d)
+        if self.use_direct_call:
+            dep = unified_kv_cache_update(k, v, self.layer_name)
+            unified_attention_with_output(q, k, v, out, self.layer_name, kv_cache_dummy_dep=dep)
+        else:
+            name = _encode_layer_name(self.layer_name)
+            dep = torch.ops.vllm.unified_kv_cache_update(k, v, name)
+            torch.ops.vllm.unified_attention_with_output(q, k, v, out, name,
+                                                         kv_cache_dummy_dep=dep)
         return output
 
 
