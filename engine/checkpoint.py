@@ -216,9 +216,7 @@ class FactoredKeysConfig:
     def to_block(self) -> dict[str, Any]:
         """The JSON block for config.json (inverse of from_hf_config; a new dict each call)."""
         rank: int | list[int] = self.uniform_rank or list(self.ranks)
-        freq = None
-        if self.inv_freq is not None:
-            freq = [t.tolist() for t in self.inv_freq]
+        freq = None if self.inv_freq is None else [t.tolist() for t in self.inv_freq]
         block = {
             "format_version": FORMAT_VERSION, "key_rank": rank, "head_dim": self.head_dim,
             "softmax_scale": self.softmax_scale, "rotary_inv_freq": freq,
@@ -231,6 +229,12 @@ class FactoredKeysConfig:
             if getattr(self, name) is not None:
                 block[name] = copy.deepcopy(getattr(self, name))
         return block
+
+
+def latent_groups_fit(num_kv_heads: int, latent_groups: int, tp: int) -> bool:
+    """Whether TP size tp gives every rank whole KV heads and whole latent groups (every KV
+    head of a group reads the group's latent, so a latent must not span ranks)."""
+    return num_kv_heads % tp == 0 and (num_kv_heads // tp) % (num_kv_heads // latent_groups) == 0
 
 
 def _parse_inv_freq(value: Any, ranks: list[int], n_kv: int) -> tuple[torch.Tensor, ...] | None:
@@ -276,10 +280,7 @@ def expected_attention_shapes(hf_config: Any, fk: FactoredKeysConfig) -> dict[st
     _, h, h_kv, d, hidden = model_dims(hf_config)
     shapes: dict[str, tuple[int, ...]] = {}
     for i, r in enumerate(fk.ranks):
-        if arch == GPT2_ARCH:
-            p = f"transformer.h.{i}.attn"
-        else:
-            p = f"model.layers.{i}.self_attn"
+        p = f"transformer.h.{i}.attn" if arch == GPT2_ARCH else f"model.layers.{i}.self_attn"
         shapes[f"{p}.q_proj.weight"] = (h * fk.query_dims(i), hidden)
         shapes[f"{p}.k_proj.weight"] = (h_kv * r, hidden)
         if fk.latent:

@@ -65,15 +65,23 @@ class ThinRotaryEmbedding(nn.Module):
         self.register_buffer("perm", half_perm, persistent=False)
         self.cos_table = self.sin_table = None
         if max_position and max_position * num_kv_heads * 2 * half <= MAX_CACHED_ELEMENTS:
-            cos, sin = self.cos_sin(torch.arange(max_position, device=inv_freq.device))
-            sign = torch.cat((-torch.ones(half), torch.ones(half))).to(sin)
-            self.cos_table, self.sin_table = cos.contiguous(), (sin * sign).contiguous()
+            self.cos_table, self.sin_table = self.tables(max_position)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [T, H_kv, r] (each half repeated)."""
         ang = positions.to(torch.float32)[:, None, None] * self.inv_freq[None]
         ang = torch.cat((ang, ang), dim=-1)
         return ang.cos() * self.attention_scaling, ang.sin() * self.attention_scaling
+
+    def tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [n, H_kv, r] of positions 0..n-1 with rotate_half's sign folded into sin
+        (x rotated = x·cos + x[perm]·sin, perm swapping the halves); contiguous."""
+        if self.cos_table is not None and self.cos_table.shape[0] >= n:
+            return self.cos_table[:n], self.sin_table[:n]
+        cos, sin = self.cos_sin(torch.arange(n, device=self.inv_freq.device))
+        half = self.rank // 2
+        sign = torch.cat((-torch.ones(half), torch.ones(half))).to(sin)
+        return cos.contiguous(), (sin * sign).contiguous()
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:

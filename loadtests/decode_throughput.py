@@ -102,22 +102,11 @@ def factored_copy(src: Path, rank: int) -> Path:
 def latent_copy(src: Path, rank: int) -> Path:
     """A latent-key copy of src at `rank` (weight PCA of W_K, one joint latent per layer:
     throughput does not depend on the factors' values), cached next to the source."""
-    import torch
-
-    from engine.checkpoint import FactoredKeysConfig, model_dims
-    from engine.rotary import source_inv_freq
-    from engine.weights import load_checkpoint
     from model_patches.conversion.checkpoint_writer import write_factored
-    from model_patches.conversion.latent_init import init_latent_state
+    from model_patches.conversion.latent_init import weight_pca_latent
     dst = src.parent / f"{src.name}-latent-r{rank}"
     if not (dst / "config.json").exists():
-        cfg, sd = load_checkpoint(src)
-        n_layers, _, h_kv, _, hidden = model_dims(cfg)
-        state = init_latent_state(cfg, sd, rank, 1, [torch.eye(hidden)] * n_layers, False)
-        inv, scaling = source_inv_freq(cfg)
-        fk = FactoredKeysConfig.build(cfg, rank, [inv[None].expand(h_kv, -1)] * n_layers,
-                                      method="latent-weight-pca", source_model=src.name,
-                                      rotary_attention_scaling=scaling, key_mode="latent")
+        cfg, state, fk = weight_pca_latent(src, rank, 1, method="latent-weight-pca")
         write_factored(src, dst, cfg=cfg, family="llama", state=state, fk=fk)
     return dst
 

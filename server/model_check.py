@@ -146,9 +146,11 @@ def check_latent_groups(cfg: dict, tp: int) -> None:
     block = cfg.get("factored_keys") or {}
     if tp <= 1 or block.get("key_mode") != "latent":
         return
+    from engine.checkpoint import latent_groups_fit
+
     kv = cfg.get("num_key_value_heads") or cfg.get("num_attention_heads") or 0
     groups = block.get("latent_groups", 1)
-    if kv % tp or (kv // tp) % (kv // groups):
+    if not latent_groups_fit(kv, groups, tp):
         raise CLIError(f"--tensor-parallel-size {tp}: this latent-key checkpoint shares one "
                        f"latent among {kv // groups} of its {kv} KV heads, which would span "
                        f"ranks; convert with --latent-groups a multiple of {tp}")

@@ -71,3 +71,43 @@ def max_logprob_error(ref_logits: torch.Tensor, steps: list[dict | None], first:
         for tok, lp in step.items():
             worst = max(worst, abs(lp - ref[first + j, int(tok)].item()))
     return worst
+
+
+def _prompts(seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 256, (n,), generator=g).tolist() for n in (5, 37, 150, 90)]
+
+
+def check_vllm_against_reference(path: Path, tmp: Path, block_size: int, tol: float,
+                                 env: dict | None = None) -> None:
+    """Serve a checkpoint through vLLM and check it against engine.torch_model.TorchCausalLM.
+
+    Round 1: four prompts of 5..150 tokens in one batch, chunked prefill at 64 tokens (mixed
+    prefill/decode steps), prompt logprobs for one; round 2: a repeated prompt and one sharing
+    64 tokens with it (prefix-cache hits). Every request: the reference's greedy tokens, decode
+    and prompt logprobs within ``tol``; round 2 read its shared blocks from the prefix cache."""
+    from engine.torch_model import TorchCausalLM
+
+    prompts = _prompts(7)
+    shared = prompts[2][:64] + _prompts(8)[1]
+    round1 = [{"prompt": p, "max_tokens": n, "prompt_logprobs": 5 if i == 2 else None}
+              for i, (p, n) in enumerate(zip(prompts, (8, 12, 6, 10)))]
+    round2 = [{"prompt": prompts[2], "max_tokens": 6}, {"prompt": shared, "max_tokens": 8}]
+    out = run_vllm(path, [round1, round2], tmp, block_size=block_size,
+                   kv_cache_memory_bytes=32 << 20, enable_prefix_caching=True,
+                   max_num_batched_tokens=64, max_num_seqs=8, env=env)
+    ref = TorchCausalLM.from_dir(path)
+    for rnd, outs in zip([round1, round2], out["rounds"]):
+        for req, got in zip(rnd, outs):
+            prompt = req["prompt"]
+            logits = ref(torch.tensor(prompt + got["tokens"]))
+            expect = logits[len(prompt) - 1:-1].argmax(-1).tolist()
+            assert got["tokens"] == expect, f"greedy tokens differ for a {len(prompt)}-token prompt"
+            err = max_logprob_error(logits, got["logprobs"], len(prompt) - 1)
+            assert err < tol, f"decode logprobs off by {err}"
+            if req.get("prompt_logprobs"):
+                err = max_logprob_error(logits, got["prompt_logprobs"], -1)
+                assert err < tol, f"prompt logprobs off by {err}"
+    assert out["rounds"][1][0]["num_cached_tokens"] >= block_size * ((150 - 1) // block_size)
+    if block_size <= 64:
+        assert out["rounds"][1][1]["num_cached_tokens"] >= 64 // block_size * block_size

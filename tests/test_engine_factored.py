@@ -10,11 +10,9 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
-from engine.torch_model import TorchCausalLM
 from model_patches.conversion.checkpoint_writer import write_rotary_pair_subset
-from tests.engine_utils import max_logprob_error, run_vllm, tiny_gpt2, tiny_llama
+from tests.engine_utils import check_vllm_against_reference, run_vllm, tiny_gpt2, tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -46,43 +44,13 @@ def tiny_models(tmp_path_factory):
     return out
 
 
-def _prompts(seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 256, (n,), generator=g).tolist() for n in (5, 37, 150, 90)]
-
-
 @pytest.mark.parametrize("name, block_size, kernel", [
     (name, bs, "cpp") for name in ("llama_gqa", "llama_mha", "gpt2_mha") for bs in (16, 128)
 ] + [("llama_gqa", 16, "torch")])
 def test_vllm_matches_reference(tiny_models, tmp_path, name, block_size, kernel):
     """kernel: the C++ decode kernel or the pure-torch fallback (FACTORKV_CPU_KERNEL=0)."""
-    path = tiny_models[name]
-    prompts = _prompts(7)
-    shared = prompts[2][:64] + _prompts(8)[1]          # shares 64 tokens with prompt 2
-    round1 = [{"prompt": p, "max_tokens": n, "prompt_logprobs": 5 if i == 2 else None}
-              for i, (p, n) in enumerate(zip(prompts, (8, 12, 6, 10)))]
-    round2 = [{"prompt": prompts[2], "max_tokens": 6}, {"prompt": shared, "max_tokens": 8}]
-    out = run_vllm(path, [round1, round2], tmp_path, block_size=block_size,
-                   kv_cache_memory_bytes=32 << 20, enable_prefix_caching=True,
-                   max_num_batched_tokens=64, max_num_seqs=8,
-                   env={"FACTORKV_CPU_KERNEL": "0" if kernel == "torch" else "1"})
-    ref = TorchCausalLM.from_dir(path)
-    requests = [(r, o) for rnd, outs in zip([round1, round2], out["rounds"])
-                for r, o in zip(rnd, outs)]
-    for req, got in requests:
-        prompt = req["prompt"]
-        logits = ref(torch.tensor(prompt + got["tokens"]))
-        expect = logits[len(prompt) - 1:-1].argmax(-1).tolist()
-        assert got["tokens"] == expect, f"greedy tokens differ for a {len(prompt)}-token prompt"
-        err = max_logprob_error(logits, got["logprobs"], len(prompt) - 1)
-        assert err < LOGPROB_TOL, f"decode logprobs off by {err}"
-        if req.get("prompt_logprobs"):
-            err = max_logprob_error(logits, got["prompt_logprobs"], -1)
-            assert err < LOGPROB_TOL, f"prompt logprobs off by {err}"
-    # the repeated prompt and the shared-prefix prompt were served from the prefix cache
-    assert out["rounds"][1][0]["num_cached_tokens"] >= block_size * ((150 - 1) // block_size)
-    if block_size <= 64:
-        assert out["rounds"][1][1]["num_cached_tokens"] >= 64 // block_size * block_size
+    check_vllm_against_reference(tiny_models[name], tmp_path, block_size, LOGPROB_TOL,
+                                 env={"FACTORKV_CPU_KERNEL": "0" if kernel == "torch" else "1"})
 
 
 def test_kv_capacity_gain_read_from_engine(tmp_path):

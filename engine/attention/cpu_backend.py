@@ -25,7 +25,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, Attentio
                                        CommonAttentionMetadata, MultipleOf)
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from engine.attention.cpu_kernels import thin_decode_kernel
+from engine.attention.cpu_kernels import decode_kernels
 
 BACKEND_NAME = "FACTORKV_CPU_THIN"
 # Upper bound on the decode gather buffer (bytes); larger batches are processed in chunks.
@@ -103,7 +103,7 @@ class ThinKeyCPUMetadataBuilder(AttentionMetadataBuilder[ThinKeyCPUMetadata]):
         self.num_kv_heads = kv_cache_spec.num_kv_heads
         self._init_reorder_batch_threshold(1)
         self.use_kernel = (vllm_config.model_config.dtype == torch.float32
-                           and thin_decode_kernel() is not None)
+                           and decode_kernels() is not None)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> ThinKeyCPUMetadata:
@@ -173,7 +173,7 @@ class ThinKeyCPUImpl(AttentionImpl[ThinKeyCPUMetadata]):
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.sliding_window = None
-        thin_decode_kernel()      # build/load the C++ kernel at model load, not on first request
+        decode_kernels()      # build/load the C++ kernel at model load, not on first request
 
     def do_kv_cache_update(self, layer: AttentionLayer, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -229,7 +229,7 @@ class ThinKeyCPUImpl(AttentionImpl[ThinKeyCPUMetadata]):
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, md: ThinKeyCPUMetadata,
                 output: torch.Tensor) -> None:
         if md.decode_block_table is not None:
-            kernel = thin_decode_kernel()
+            kernel = decode_kernels()
             dst = output if output.is_contiguous() else torch.empty_like(output)
             kernel.thin_decode(query.contiguous(), kv_cache, md.decode_block_table,
                                md.decode_seq_lens, dst, self.scale)

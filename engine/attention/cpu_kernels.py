@@ -1,8 +1,8 @@
-"""The C++ decode kernel of the thin-key CPU backend, compiled on first use.
+"""The C++ decode kernels of the CPU backends (thin and latent keys), compiled on first use.
 
-torch.utils.cpp_extension builds csrc/thin_decode.cpp once per machine (about a
+torch.utils.cpp_extension builds csrc/paged_decode.cpp once per machine (about a
 minute on 2 cores; cached under $FACTORKV_CACHE_DIR/torch_extensions). If the build
-is impossible (no compiler) the backend falls back to its pure-torch decode path.
+is impossible (no compiler) the backends fall back to their pure-torch decode paths.
 Set FACTORKV_CPU_KERNEL=0 to force the fallback.
 """
 
@@ -13,20 +13,20 @@ import os
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
-_SRC = Path(__file__).parent / "csrc" / "thin_decode.cpp"
+_SRC = Path(__file__).parent / "csrc" / "paged_decode.cpp"
 _module = None
 _failed = False
 
 
 def build_dir() -> Path:
     root = Path(os.environ.get("FACTORKV_CACHE_DIR", Path.home() / ".cache" / "factorkv"))
-    d = root / "torch_extensions" / "thin_decode"
+    d = root / "torch_extensions" / "paged_decode"
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
-def thin_decode_kernel():
-    """The compiled module (with .thin_decode), or None if unavailable."""
+def decode_kernels():
+    """The compiled module (.thin_decode, .latent_decode), or None if unavailable."""
     global _module, _failed
     if _module is not None or _failed:
         return _module
@@ -35,7 +35,7 @@ def thin_decode_kernel():
         return None
     try:
         from torch.utils.cpp_extension import load
-        _module = load(name="factorkv_thin_decode", sources=[str(_SRC)],
+        _module = load(name="factorkv_paged_decode", sources=[str(_SRC)],
                        extra_cflags=["-O3", "-march=native", "-fopenmp"],
                        extra_ldflags=["-fopenmp"], build_directory=str(build_dir()),
                        verbose=False)

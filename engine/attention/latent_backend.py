@@ -14,9 +14,10 @@ Cost per cached token per step: D·r_g multiply-adds per KV head to reconstruct,
 
   * prefill / chunked prefill / prefix-cache hits: one batched matmul reconstructs the keys
     of all S tokens, RoPE rotates them at positions 0..S-1, then one SDPA per request;
-  * decode on CPU: the same vectorised over the batch (gather [n, H_kv, L, r], reconstruct,
-    rotate, scores, softmax, values); on CUDA the Triton kernel
-    (engine/attention/triton_latent.py) reads the blocks in place.
+  * decode reads the blocks in place: on CPU (float32) the C++ kernel latent_decode
+    (csrc/paged_decode.cpp: per block, rebuild + rotate each key, scores, online softmax),
+    on CUDA the Triton kernel (engine/attention/triton_latent.py); without a kernel the
+    torch path (gather [n, H_kv, L, r], reconstruct, rotate, scores, softmax, values).
 Token positions are the tokens' indices in their sequence (no eviction with latent keys).
 """
 
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from engine.attention.cpu_backend import (DECODE_GATHER_BYTES, ThinKeyCPUBackend,
                                           ThinKeyCPUImpl, ThinKeyCPUMetadata,
                                           ThinKeyCPUMetadataBuilder)
+from engine.attention.cpu_kernels import decode_kernels
 from engine.torch_model import LatentKeys
 
 BACKEND_NAME = "FACTORKV_LATENT"
@@ -44,12 +46,13 @@ def _use_triton(device: torch.device) -> bool:
 
 
 class LatentKeyMetadataBuilder(ThinKeyCPUMetadataBuilder):
-    """The thin-key metadata; decode uses the gathered-rows path (CPU) or the block table
-    (CUDA, the Triton kernel), never the thin C++ kernel."""
+    """The thin-key metadata; decode reads the block table with a kernel (CPU: the C++
+    latent_decode, float32; CUDA: the Triton kernel) or falls back to gathered rows."""
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.use_kernel = _use_triton(torch.device(device))
+        if torch.device(device).type != "cpu":
+            self.use_kernel = _use_triton(torch.device(device))
 
 
 class LatentKeyBackend(ThinKeyCPUBackend):
@@ -111,14 +114,24 @@ class LatentKeyImpl(ThinKeyCPUImpl):
 
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, md: ThinKeyCPUMetadata,
                 output: torch.Tensor) -> None:
-        if md.decode_block_table is not None:                 # CUDA: the Triton kernel
+        d = self.keys.head_dim
+        if md.decode_block_table is not None and query.device.type == "cuda":   # Triton
             from engine.attention.triton_latent import latent_decode
             cos, sin = self._rope_tables(kv_cache.device)
-            d = self.keys.head_dim
             up = self.up.weight.view(self.num_kv_heads, d, -1)
             latent_decode(query, kv_cache, md.decode_block_table.to(query.device),
                           md.decode_seq_lens.to(query.device), up, cos, sin, self.scale,
                           self.keys.groups, out=output)
+            return
+        if md.decode_block_table is not None:                 # CPU: the C++ kernel
+            up_t = self.up.weight.view(self.num_kv_heads, d, -1).transpose(1, 2).contiguous()
+            cos, sin = self.keys.rope.tables(int(md.decode_seq_lens.max()))
+            dst = output if output.is_contiguous() else torch.empty_like(output)
+            decode_kernels().latent_decode(query.contiguous(), kv_cache, md.decode_block_table,
+                                           md.decode_seq_lens, up_t.float(), cos, sin,
+                                           self.keys.groups, dst, self.scale)
+            if dst is not output:
+                output.copy_(dst)
             return
         flat = kv_cache.view(-1, kv_cache.shape[-1])
         nd, r, c = query.shape[0], self.head_size, flat.shape[1]

@@ -24,6 +24,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from vllm.v1.attention.backend import AttentionType
 
 from engine.attention.latent_backend import LatentKeyBackend
+from engine.checkpoint import latent_groups_fit
 from engine.models.thin_attention import (factored_keys, local_inv_freq, local_kv_heads,
                                           max_model_len)
 from engine.rotary import ThinRotaryEmbedding
@@ -87,7 +88,7 @@ class LatentLlamaAttention(nn.Module):
         layer = extract_layer_index(prefix)
         tp_size, tp_rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
         per_group = num_kv_heads // fk.latent_groups
-        if num_heads % tp_size or num_kv_heads % tp_size or (num_kv_heads // tp_size) % per_group:
+        if num_heads % tp_size or not latent_groups_fit(num_kv_heads, fk.latent_groups, tp_size):
             raise ValueError(
                 f"latent keys with {num_kv_heads} KV heads in {fk.latent_groups} latent group(s) "
                 f"do not split over TP size {tp_size}: each rank must hold whole groups (convert "

@@ -45,7 +45,7 @@ from model_patches.conversion.activation_stats import DEFAULT_STAT_TOKENS, input
 from model_patches.conversion.calibrate import calibrate_thin_qk
 from model_patches.conversion.distill import cleanup
 from model_patches.conversion.checkpoint_writer import ConversionError, read_source, write_factored
-from model_patches.conversion.latent_init import init_latent_state
+from model_patches.conversion.latent_init import init_latent_state, latent_rotary_table
 from model_patches.conversion.thin_init import METHODS, head_moments, init_head
 
 DEFAULT_INIT = "partial-rope"
@@ -207,9 +207,7 @@ def convert(src: str | Path, dst: str | Path, *, key_rank: int | None = None,
     moments = input_moments(src, stat_tokens, progress=progress)
     if keys == "latent":
         state = init_latent_state(cfg, sd, rank, groups, moments, progress)
-        inv, scaling = source_inv_freq(cfg)
-        h_kv = model_dims(cfg)[2]
-        table = [inv[None].expand(h_kv, -1).double() for _ in range(model_dims(cfg)[0])]
+        table, scaling = latent_rotary_table(cfg)
         method = "latent-pca"
     else:
         state, table, scaling = init_thin_state(cfg, sd, family, rank, init, moments, progress,

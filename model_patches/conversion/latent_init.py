@@ -19,10 +19,14 @@ q_proj, v_proj unchanged.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tqdm import tqdm
 
-from engine.checkpoint import model_dims
+from engine.checkpoint import FactoredKeysConfig, model_dims
+from engine.rotary import source_inv_freq
+from engine.weights import load_checkpoint
 
 
 def latent_group_factors(wk: torch.Tensor, cx: torch.Tensor, dims: int
@@ -61,3 +65,26 @@ def init_latent_state(cfg: dict, sd: dict[str, torch.Tensor], rank: int, groups:
         if bk is not None:
             state[f"{p}.k_proj.bias"] = torch.cat(biases).float()
     return state
+
+
+def latent_rotary_table(cfg: dict) -> tuple[list[torch.Tensor], float]:
+    """(rotary table, attention scaling) of latent keys: the source's full-width inv_freq for
+    every layer and KV head (rebuilt keys are rotated exactly as the source's keys)."""
+    n_layers, _, h_kv, _, _ = model_dims(cfg)
+    inv, scaling = source_inv_freq(cfg)
+    return [inv[None].expand(h_kv, -1).double()] * n_layers, scaling
+
+
+def weight_pca_latent(src, rank: int, groups: int, *, method: str
+                      ) -> tuple[dict, dict[str, torch.Tensor], FactoredKeysConfig]:
+    """(config, state dict, factored_keys) of a data-free latent copy of the checkpoint src:
+    PCA of W_K's rows (identity input moments). For benchmarks and tests, where the factors'
+    values do not matter; ``write_factored`` writes it."""
+    cfg, sd = load_checkpoint(src)
+    n_layers, _, _, _, hidden = model_dims(cfg)
+    state = init_latent_state(cfg, sd, rank, groups, [torch.eye(hidden)] * n_layers, False)
+    table, scaling = latent_rotary_table(cfg)
+    fk = FactoredKeysConfig.build(cfg, rank, table, method=method, source_model=Path(src).name,
+                                  rotary_attention_scaling=scaling, key_mode="latent",
+                                  latent_groups=groups)
+    return cfg, state, fk
