@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from model_patches.conversion.default_model import prepare_default_model
         base = prepare_default_model()
-    copies = {"thin": factored_copy, "latent": latent_copy}
+    # latent-torch: the latent model on the backend's torch decode path (FACTORKV_CPU_KERNEL=0)
+    copies = {"thin": factored_copy, "latent": latent_copy, "latent-torch": latent_copy}
     keys = [k for k in args.keys.split(",") if k]
     if not keys or any(k not in copies for k in keys):
         ap.error(f"--keys takes a comma list of {', '.join(copies)}")
@@ -168,7 +169,9 @@ def main(argv: list[str] | None = None) -> None:
             cmd = [sys.executable, "-m", "loadtests.decode_throughput", "--worker", str(model),
                    str(out), "--batches", args.batches, "--contexts", args.contexts,
                    "--new-tokens", str(args.new_tokens), "--kv-cache-memory", args.kv_cache_memory]
-            subprocess.run(cmd, check=True, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+            kernel = {"FACTORKV_CPU_KERNEL": "0"} if name.endswith("-torch") else {}
+            subprocess.run(cmd, check=True, cwd=ROOT, env={**env, **kernel},
+                           stderr=subprocess.DEVNULL)
             runs[name].append(json.loads(out.read_text()))
     write_report(args, models, runs, batches, contexts, (load_before, os.getloadavg()[0]),
                  env["OMP_NUM_THREADS"])
@@ -189,8 +192,10 @@ def write_report(args, models: dict[str, Path], runs: dict, batches, contexts,
     from engine.checkpoint import read_config
     names = [n for n in models if n != "baseline"]
     backend = {"thin": "FactorKV's thin-key CPU backend (C++ decode kernel)",
-               "latent": "FactorKV's latent-key backend (torch: gather, one GEMM per step "
-                         "reconstructs every cached key, RoPE, scores)"}
+               "latent": "FactorKV's latent-key backend (C++ decode kernel: per block, "
+                         "rebuild and rotate each cached key, scores, online softmax)",
+               "latent-torch": "the latent-key backend's torch decode path (gather, one GEMM "
+                               "per step reconstructs every cached key, RoPE, scores)"}
     lines = [
         "# Engine: decode throughput, factored vs unmodified (CPU)", "",
         f"Command: `python -m loadtests.decode_throughput --rank {args.rank} --keys {args.keys} "
