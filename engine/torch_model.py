@@ -212,7 +212,8 @@ class TorchCausalLM(torch.nn.Module):
         block's output [B, T, hidden] (after W_o). ``cache``: list of per-layer (k, v)
         ([B, H_kv, S, r] as cached, [B, H_kv, S, D]), read and extended in place.
         ``evict=(policy, L)``: query rows at cache index >= L see only the prompt keys
-        (index < L) that ``policy.keep_mask`` keeps, per KV head, plus every key >= L."""
+        (index < L) that ``policy.keep_mask`` keeps, per KV head (latent keys: per layer),
+        plus every key >= L."""
         b, t, _ = n.shape
         p, keys = self.prefix(i), self.keys[i]
         q, k = keys.rotate(pos, self._lin(n, f"{p}.q_proj"), self._lin(n, f"{p}.k_proj"),
@@ -230,7 +231,9 @@ class TorchCausalLM(torch.nn.Module):
         keep = keep_from = None
         if evict is not None:
             policy, keep_from = evict
-            keep = torch.stack([policy.keep_mask(kb.transpose(0, 1), keep_from) for kb in k])
+            per_layer = isinstance(keys, LatentKeys)     # rotated keys: per-head norms kept
+            keep = torch.stack([policy.keep_mask(kb.transpose(0, 1), keep_from, per_layer=per_layer)
+                                for kb in k])
         mask = self._mask(t, k.shape[2], n.device, keep, keep_from)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            is_causal=mask is None and t > 1, scale=self.scale,

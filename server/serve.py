@@ -272,10 +272,6 @@ def _install_eviction(args: argparse.Namespace, cfg: dict, cpu: bool) -> None:
             policy.check_context(int(max_len))
     except EvictionConfigError as e:
         raise CLIError(str(e)) from None
-    if (cfg.get("factored_keys") or {}).get("key_mode") == "latent":
-        raise CLIError("--kv-evict does not compose with latent keys in this release: compaction "
-                       "moves tokens, and latent keys are rotated at read time by their position "
-                       "(serve a thin-key build, e.g. --variant thin-r16, to evict)")
     if not cpu:
         raise CLIError("--kv-evict runs on the CPU backend only in this release "
                        "(the GPU cache layouts are not wired yet; see docs/eviction.md)")

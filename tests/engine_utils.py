@@ -44,6 +44,19 @@ def tiny_gpt2(path: Path, *, heads: int = 4, hidden: int = 128, layers: int = 2,
     return path
 
 
+def write_latent(src, dst, rank: int, groups: int, seed: int = 0):
+    """A latent checkpoint of src: weight PCA (identity input moments) with B perturbed, so
+    no structure of the exact PCA can hide a reconstruction bug."""
+    from model_patches.conversion.checkpoint_writer import write_factored
+    from model_patches.conversion.latent_init import weight_pca_latent
+
+    cfg, state, fk = weight_pca_latent(src, rank, groups, method="latent-test")
+    g = torch.Generator().manual_seed(seed)
+    for k in [k for k in state if k.endswith("k_up_proj.weight")]:
+        state[k] = state[k] + 0.2 * torch.randn(state[k].shape, generator=g)
+    return write_factored(src, dst, cfg=cfg, family="llama", state=state, fk=fk)
+
+
 def run_vllm(model: Path | str, rounds: list, tmp: Path, timeout: int = 600,
              env: dict | None = None, trace: bool = False, **engine) -> dict:
     """Run tests/_vllm_probe.py in a fresh process (engine in-process, eager, fp32);

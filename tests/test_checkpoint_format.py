@@ -104,7 +104,7 @@ def test_converter_rejects_bad_input(tmp_path):
 
 @pytest.fixture(scope="module")
 def latent_llama(tmp_path_factory):
-    from tests.test_engine_latent import write_latent
+    from tests.engine_utils import write_latent
     root = tmp_path_factory.mktemp("latent-ckpt")
     return write_latent(tiny_llama(root / "src"), root / "latent", 8, 1)
 

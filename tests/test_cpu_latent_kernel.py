@@ -13,6 +13,8 @@ from tests.test_triton_latent import CASES, make_case
 
 pytestmark = pytest.mark.slow          # first use compiles the extension (~1 min on 2 cores)
 
+NO_POS = torch.empty(0, dtype=torch.int32)       # key positions = cache slots
+
 
 @pytest.fixture(scope="module")
 def kernels():
@@ -62,7 +64,7 @@ def test_cpp_latent_decode_matches_reference(kernels, name, per_head_tables):
     up_t, cos, sin, signed_sin = cpp_args(args, per_head_tables)
     out = torch.full_like(args["q"], float("nan"))
     kernels.latent_decode(args["q"], args["kv_cache"], args["block_table"], args["seq_lens"],
-                          up_t, cos, signed_sin, args["groups"], out, args["scale"])
+                          up_t, cos, signed_sin, NO_POS, args["groups"], out, args["scale"])
     ref = reference(args, cos, sin)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
@@ -73,4 +75,28 @@ def test_cpp_latent_decode_rejects_a_short_rotary_table(kernels):
     up_t, cos, _, sin = cpp_args(args)
     with pytest.raises(RuntimeError, match="rotary table shorter"):
         kernels.latent_decode(args["q"], args["kv_cache"], args["block_table"], args["seq_lens"],
-                              up_t, cos[:5], sin[:5], 1, torch.empty_like(args["q"]), 1.0)
+                              up_t, cos[:5], sin[:5], NO_POS, 1, torch.empty_like(args["q"]),
+                              1.0)
+
+
+def test_cpp_latent_decode_reads_key_positions(kernels):
+    """After a compacting eviction, slot t of request b holds the token at key_pos[b, t]; the
+    kernel rotates each rebuilt key there (reference: latent_decode_reference(key_pos=...))."""
+    from engine.attention.triton_latent import latent_decode_reference
+    from tests.test_triton_latent import rope_tables
+    args = make_case(h=6, h_kv=3, groups=1, bs=4, lens=[6, 9, 1], seed=3)
+    args["cos"], args["sin"] = rope_tables(40, args["q"].shape[-1])
+    up_t, cos, _, signed_sin = cpp_args(args)
+    g = torch.Generator().manual_seed(4)
+    pos = torch.stack([torch.randperm(40, generator=g)[:11].sort().values for _ in range(3)])
+    pos = pos.to(torch.int32)
+    out = torch.empty_like(args["q"])
+    kernels.latent_decode(args["q"], args["kv_cache"], args["block_table"], args["seq_lens"],
+                          up_t, cos, signed_sin, pos, 1, out, args["scale"])
+    ref = latent_decode_reference(**args, key_pos=pos)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    plain = latent_decode_reference(**args)
+    assert (out - plain).abs().max() > 1e-2          # the positions matter
+    with pytest.raises(RuntimeError, match="shorter than the key positions"):
+        kernels.latent_decode(args["q"], args["kv_cache"], args["block_table"],
+                              args["seq_lens"], up_t, cos[:30], signed_sin[:30], pos, 1, out, 1.0)

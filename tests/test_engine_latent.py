@@ -5,25 +5,13 @@ joint and per-head latents; KV capacity equals thin keys of the same rank."""
 from __future__ import annotations
 
 import pytest
-import torch
 
-from model_patches.conversion.checkpoint_writer import write_factored, write_rotary_pair_subset
-from model_patches.conversion.latent_init import weight_pca_latent
-from tests.engine_utils import check_vllm_against_reference, run_vllm, tiny_llama
+from model_patches.conversion.checkpoint_writer import write_rotary_pair_subset
+from tests.engine_utils import check_vllm_against_reference, run_vllm, tiny_llama, write_latent
 
 pytestmark = pytest.mark.slow
 
 LOGPROB_TOL = 2e-4
-
-
-def write_latent(src, dst, rank: int, groups: int, seed: int = 0):
-    """A latent checkpoint of src: weight PCA (identity input moments) with B perturbed, so
-    no structure of the exact PCA can hide a reconstruction bug."""
-    cfg, state, fk = weight_pca_latent(src, rank, groups, method="latent-test")
-    g = torch.Generator().manual_seed(seed)
-    for k in [k for k in state if k.endswith("k_up_proj.weight")]:
-        state[k] = state[k] + 0.2 * torch.randn(state[k].shape, generator=g)
-    return write_factored(src, dst, cfg=cfg, family="llama", state=state, fk=fk)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,9 @@
 """L2-norm KV eviction in the vLLM engine (tiny random models) against the plain-torch reference.
 
 One engine per model (vLLM's own CPU_ATTN for an unmodified Llama; our thin-key backend for
-a factored one), chunked prefill and prefix caching on, server policy keep=0.5:
+a factored one; our latent-key backend, C++ kernel and torch decode path, for latent keys,
+where the reference selects per layer), chunked prefill and prefix caching on, server policy
+keep=0.5:
 
 * round 0, one request: outputs equal the reference that applies the same selection; the
   blocks past the kept tokens are back in the scheduler's free pool right after prefill;
@@ -23,7 +25,7 @@ import torch
 from engine.eviction.policy import L2NormPolicy as EvictionPolicy
 from engine.torch_model import TorchCausalLM
 from model_patches.conversion.checkpoint_writer import write_full_rank, write_rotary_pair_subset
-from tests.engine_utils import max_logprob_error, run_vllm, tiny_llama
+from tests.engine_utils import max_logprob_error, run_vllm, tiny_llama, write_latent
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +55,8 @@ def models(tmp_path_factory):
         "llama": (src, write_full_rank(src, root / "llama_full")),
         # served and referenced as a factored r=8 checkpoint (FACTORKV_CPU_THIN)
         "llama_r8": (write_rotary_pair_subset(src, root / "llama_r8", 8),) * 2,
+        # latent keys (FACTORKV_LATENT): per-layer selection, keys rotated at kept positions
+        "llama_latent": (write_latent(src, root / "llama_latent", 8, 1),) * 2,
     }
 
 
@@ -74,8 +78,10 @@ def _check(ref: TorchCausalLM, prompt: list[int], got: dict, keep: float) -> Non
     assert err < LOGPROB_TOL, f"logprobs off by {err} (keep={keep})"
 
 
-@pytest.mark.parametrize("name", ["llama", "llama_r8"])
-def test_eviction_matches_reference_and_frees_blocks(models, tmp_path, name):
+@pytest.mark.parametrize("name, kernel", [("llama", "cpp"), ("llama_r8", "cpp"),
+                                          ("llama_latent", "cpp"), ("llama_latent", "torch")])
+def test_eviction_matches_reference_and_frees_blocks(models, tmp_path, name, kernel):
+    """kernel: the latent backend's C++ decode kernel or its torch path (FACTORKV_CPU_KERNEL=0)."""
     served, reference = models[name]
     long_p, mid_p, keep1_p, short_p = _prompt(300, 1), _prompt(150, 2), _prompt(200, 3), _prompt(15, 4)
     rounds = [
@@ -88,7 +94,8 @@ def test_eviction_matches_reference_and_frees_blocks(models, tmp_path, name):
          {"prompt": keep1_p, "max_tokens": 6}],
     ]
     keeps = [[0.5], [0.5, 0.25, 1.0, 0.5], [1.0, 0.5]]
-    out = run_vllm(served, rounds, tmp_path, trace=True, **ENGINE, **evict_engine(0.5))
+    out = run_vllm(served, rounds, tmp_path, trace=True, **ENGINE, **evict_engine(0.5),
+                   env={"FACTORKV_CPU_KERNEL": "0" if kernel == "torch" else "1"})
     ref = TorchCausalLM.from_dir(reference)
     for rnd, outs, ks in zip(rounds, out["rounds"], keeps):
         for req, got, keep in zip(rnd, outs, ks):

@@ -164,3 +164,39 @@ def test_benchmark_skip_layers_variation(models):
     norms_lo, norms_hi = (c[0][0].float().norm(dim=-1)[:, SINK:-WINDOW].mean() for c in
                           (Setting(policy).evict(cache)[1], ev_hi[1]))
     assert norms_lo < norms_hi
+
+
+def test_per_layer_selection_is_one_set_of_tokens_by_joint_norm():
+    """select_per_layer / keep_mask(per_layer=True): every head keeps the same tokens, the
+    middle ones with the lowest norm of the token's keys over all heads."""
+    k = torch.randn(60, 3, 8)
+    p = EvictionPolicy(keep=0.5, sink=SINK, window=WINDOW)
+    m = p.keep_mask(k, 50, per_layer=True)
+    assert (m == m[:1]).all() and m[0, :50].sum() == p.num_kept(50) and m[:, 50:].all()
+    joint = k[:50].flatten(1).norm(dim=-1)[SINK:50 - WINDOW]
+    kept = m[0, SINK:50 - WINDOW]
+    assert joint[kept].max() <= joint[~kept].min()
+    assert torch.equal(p.select_per_layer(k[:50].transpose(0, 1)), m[0, :50].nonzero()[:, 0])
+    assert not (p.keep_mask(k, 50) == m).all()           # per head differs on random keys
+
+
+def test_latent_reference_selects_per_layer_and_benchmark_can_too(tmp_path):
+    """The plain-torch model evicts latent keys per layer (what the engine does), and the
+    benchmark's Setting(select='layer') compacts a dense cache the same way."""
+    from model_patches.evaluation.eviction_quality.settings import Setting
+    from tests.engine_utils import write_latent
+    lm = TorchCausalLM.from_dir(write_latent(tiny_llama(tmp_path / "src"), tmp_path / "lat", 8, 1))
+    policy = EvictionPolicy(keep=0.4, sink=SINK, window=WINDOW)
+    ids, n = _ids(130, 7), 100
+    masked = lm(torch.tensor(ids), evict=(policy, n))[n - 1:-1]
+    cache: list = []
+    with torch.no_grad():
+        last = lm.hidden_states(torch.tensor([ids[:n]]), cache)
+        per_layer = Setting(policy, select="layer")
+        assert per_layer.key.endswith("-per-layer") and Setting.parse(
+            "keep=0.4,window=16,select=layer") == per_layer
+        hs = run_on_cache(lm, per_layer.evict(cache), ids[n:-1], pos0=n)[0]
+        per_head = lm.logits(run_on_cache(lm, Setting(policy).evict(cache), ids[n:-1], pos0=n)[0])
+    compacted = torch.cat([lm.logits(last[0, -1:]), lm.logits(hs)])
+    assert (compacted - masked).abs().max() < 1e-4
+    assert (per_head - compacted[1:]).abs().max() > 1e-3

@@ -255,15 +255,12 @@ def test_kv_budget_fits_exactly(serve_parser, default_model_dir):
     assert args.kv_cache_memory_bytes == 256 * 2**20
 
 
-def test_serve_kv_evict_refuses_latent_keys(serve_parser, tmp_path):
-    """Eviction compacts tokens; latent keys are rotated by position at read time: refused."""
-    from server.errors import CLIError
+def test_serve_kv_evict_accepts_latent_keys(serve_parser, tmp_path):
+    """Latent keys compose with eviction (per-layer selection, positions kept by the worker)."""
     from server.serve import finalize_args
-    from tests.engine_utils import tiny_llama
-    from tests.test_engine_latent import write_latent
+    from tests.engine_utils import tiny_llama, write_latent
 
     ckpt = write_latent(tiny_llama(tmp_path / "src"), tmp_path / "latent", 8, 1)
-    with pytest.raises(CLIError, match="does not compose with latent keys") as e:
-        finalize_args(serve_parser.parse_args(["--model", str(ckpt), "--skip-tokenizer-init",
-                                               "--kv-evict", "keep=0.5"]))
-    assert e.value.code == 2
+    args = finalize_args(serve_parser.parse_args(["--model", str(ckpt), "--skip-tokenizer-init",
+                                                  "--kv-evict", "keep=0.5"]))
+    assert args.worker_cls == "engine.eviction.worker.EvictingCPUWorker"

@@ -101,8 +101,7 @@ def test_tp2_greedy_tokens_equal_tp1(tmp_path, monkeypatch, keys):
     latent per KV head (latent_groups = 2), so each rank holds its own."""
     from model_patches.conversion.checkpoint_writer import write_rotary_pair_subset
     from tests._server import running_server
-    from tests.engine_utils import tiny_llama
-    from tests.test_engine_latent import write_latent
+    from tests.engine_utils import tiny_llama, write_latent
 
     monkeypatch.delenv(THREADS_BIND, raising=False)
     src = tiny_llama(tmp_path / "src", heads=4, kv_heads=2)

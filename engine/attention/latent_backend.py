@@ -18,7 +18,8 @@ Cost per cached token per step: D·r_g multiply-adds per KV head to reconstruct,
     (csrc/paged_decode.cpp: per block, rebuild + rotate each key, scores, online softmax),
     on CUDA the Triton kernel (engine/attention/triton_latent.py); without a kernel the
     torch path (gather [n, H_kv, L, r], reconstruct, rotate, scores, softmax, values).
-Token positions are the tokens' indices in their sequence (no eviction with latent keys).
+A token's position is its index in the sequence's cache, unless L2-norm eviction compacted
+the cache (engine/eviction: one selection per layer, then ``key_positions``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from engine.attention.cpu_kernels import decode_kernels
 from engine.torch_model import LatentKeys
 
 BACKEND_NAME = "FACTORKV_LATENT"
+NO_POSITIONS = torch.empty(0, dtype=torch.int32)     # the C++ kernel's "key position = slot"
 
 
 def _use_triton(device: torch.device) -> bool:
@@ -70,7 +72,13 @@ class LatentKeyBackend(ThinKeyCPUBackend):
 
 
 class LatentKeyImpl(ThinKeyCPUImpl):
-    """head_size = r (the latent slot), values D; the model binds its keys with :meth:`bind`."""
+    """head_size = r (the latent slot), values D; the model binds its keys with :meth:`bind`.
+
+    ``key_positions``: None (slot t holds the token at position t), or int32 [R, >= L] set by
+    the eviction worker for the step (engine/eviction/worker.py): decode request i's slot t
+    holds the token at position key_positions[i, t]. Compacted requests only decode."""
+
+    key_positions: torch.Tensor | None = None
 
     def bind(self, keys: LatentKeys, up: torch.nn.Module) -> None:
         """keys: the layer's latent parametrisation (local KV heads, rotary table); up: the
@@ -79,12 +87,26 @@ class LatentKeyImpl(ThinKeyCPUImpl):
         self.keys, self.up = keys, up
         self._tables = None
 
+    def rebuild_keys(self, slots: torch.Tensor) -> torch.Tensor:
+        """Latent slots [..., H_kv, r] -> pre-RoPE keys [..., H_kv, D]."""
+        lead = slots.shape[:-2]
+        k = self.keys.reconstruct(slots.reshape(*lead, -1), self.up.weight.to(slots.dtype))
+        return k.view(*lead, self.num_kv_heads, -1)
+
     def _keys(self, latent: torch.Tensor, length: int) -> torch.Tensor:
         """Cached latent [L, ..., H_kv, r] of positions 0..L-1 -> rotated keys [L, ..., H_kv, D]."""
-        lead = latent.shape[:-2]
-        k = self.keys.reconstruct(latent.reshape(*lead, -1), self.up.weight.to(latent.dtype))
+        k = self.rebuild_keys(latent)
         pos = torch.arange(length, device=latent.device)
-        return self.keys.rope.rotate_keys(pos, k).view(*lead, self.num_kv_heads, -1)
+        return self.keys.rope.rotate_keys(pos, k.flatten(-2)).view(k.shape)
+
+    def _keys_at(self, latent: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Cached latent [n, L, H_kv, r] at token positions pos [n, L] -> rotated keys
+        [n, L, H_kv, D] (the rotary tables gathered per request)."""
+        k = self.rebuild_keys(latent)
+        cos, sin = self.keys.rope.tables(int(pos.max()) + 1)
+        cos, sin = cos[pos.long()].to(k.dtype), sin[pos.long()].to(k.dtype)   # [n, L, H_kv, D]
+        half = k.shape[-1] // 2
+        return k * cos + torch.cat((k[..., half:], k[..., :half]), -1) * sin
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: ThinKeyCPUMetadata | None,
@@ -123,18 +145,22 @@ class LatentKeyImpl(ThinKeyCPUImpl):
                           md.decode_seq_lens.to(query.device), up, cos, sin, self.scale,
                           self.keys.groups, out=output)
             return
+        nd = query.shape[0]
+        pos = None if self.key_positions is None else self.key_positions[:nd]
         if md.decode_block_table is not None:                 # CPU: the C++ kernel
             up_t = self.up.weight.view(self.num_kv_heads, d, -1).transpose(1, 2).contiguous()
-            cos, sin = self.keys.rope.tables(int(md.decode_seq_lens.max()))
+            top = int(md.decode_seq_lens.max()) if pos is None else int(pos.max()) + 1
+            cos, sin = self.keys.rope.tables(top)
             dst = output if output.is_contiguous() else torch.empty_like(output)
-            decode_kernels().latent_decode(query.contiguous(), kv_cache, md.decode_block_table,
-                                           md.decode_seq_lens, up_t.float(), cos, sin,
-                                           self.keys.groups, dst, self.scale)
+            decode_kernels().latent_decode(
+                query.contiguous(), kv_cache, md.decode_block_table, md.decode_seq_lens,
+                up_t.float(), cos, sin, NO_POSITIONS if pos is None else pos.contiguous(),
+                self.keys.groups, dst, self.scale)
             if dst is not output:
                 output.copy_(dst)
             return
         flat = kv_cache.view(-1, kv_cache.shape[-1])
-        nd, r, c = query.shape[0], self.head_size, flat.shape[1]
+        r, c = self.head_size, flat.shape[1]
         rows, bias = md.decode_rows, md.decode_bias
         length = rows.shape[-1]
         per_req = self.num_kv_heads * length * (c + self.keys.head_dim) * flat.element_size()
@@ -143,7 +169,11 @@ class LatentKeyImpl(ThinKeyCPUImpl):
             e = min(nd, s + step)
             g = flat.index_select(0, rows[s:e].reshape(-1)).view(e - s, self.num_kv_heads,
                                                                   length, c)
-            k = self._keys(g[..., :r].permute(2, 0, 1, 3), length)         # [L, n, H_kv, D]
+            if pos is None:
+                k = self._keys(g[..., :r].permute(2, 0, 1, 3), length)     # [L, n, H_kv, D]
+            else:
+                k = self._keys_at(g[..., :r].transpose(1, 2), pos[s:e, :length]
+                                  ).transpose(0, 1)                       # [L, n, H_kv, D]
             q = query[s:e].view(e - s, self.num_kv_heads, self.group, -1)
             scores = torch.matmul(q, k.permute(1, 2, 3, 0)).float()          # [n, H_kv, G, L]
             scores.mul_(self.scale).add_(bias[s:e])

@@ -50,11 +50,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def latent_decode_reference(q, kv_cache, block_table, seq_lens, up, cos, sin, scale: float,
-                            groups: int, out=None) -> torch.Tensor:
+                            groups: int, out=None, key_pos=None) -> torch.Tensor:
     """Plain torch (fp32): gather the cached rows, reconstruct k = up[h] @ c, rotate, softmax.
 
-    Rows at t >= seq_lens[s] are zeroed before use, so garbage (even NaN) there is ignored; an
-    empty sequence gives zeros."""
+    Keys are rotated at their slot index t, or at key_pos[s, t] ([n, >= T] ints: the token
+    positions of a cache compacted by eviction). Rows at t >= seq_lens[s] are zeroed before
+    use, so garbage (even NaN) there is ignored; an empty sequence gives zeros."""
     h, h_kv, d, r, m, r_g = _shapes(q, kv_cache, up, groups)
     n, bs = q.shape[0], kv_cache.shape[2]
     lens = seq_lens.long()
@@ -67,7 +68,8 @@ def latent_decode_reference(q, kv_cache, block_table, seq_lens, up, cos, sin, sc
     latent = rows[..., :r].reshape(n, t_max, groups, r_g)                   # [n, T, G, r_g]
     latent = latent[:, :, torch.arange(h_kv, device=q.device) // m]         # [n, T, H_kv, r_g]
     keys = torch.einsum("hdc,nthc->nthd", up.float(), latent)
-    c, s = cos.float()[t][:, None], sin.float()[t][:, None]                 # [T, 1, D]
+    at = t[None] if key_pos is None else key_pos.long()[:, :t_max].clamp(0, cos.shape[0] - 1)
+    c, s = cos.float()[at][:, :, None], sin.float()[at][:, :, None]       # [n | 1, T, 1, D]
     keys = keys * c + rotate_half(keys) * s
     kv_of_q = torch.arange(h, device=q.device) // (h // h_kv)
     scores = torch.einsum("njd,ntjd->njt", q.float(), keys[:, :, kv_of_q]) * scale

@@ -8,12 +8,16 @@ For every attention layer and KV head h, with the request's blocks B and n cache
 
 All heads keep the same count, so afterwards the request's cache holds n_kept tokens in
 its first ceil(n_kept / bs) blocks and the rest can be returned to vLLM's block pool.
-Slot order does not matter to attention (RoPE was applied before the keys were cached).
+Slot order does not matter to attention when RoPE was applied before the keys were cached.
+Latent keys (FACTORKV_LATENT, same layout as thin keys) are rotated when read, at their
+token's position: such a layer keeps one set of tokens for all heads (sel_h = sel), and the
+worker hands the kept positions to the attention backend (engine/eviction/worker.py).
 
 A layer's cache is read as regions [num_blocks, H_kv, C] (one block of one KV head) plus
 two index maps [bs, d] giving the element of token t, dim d inside a region:
 
-  * FACTORKV_CPU_THIN (ours): [num_blocks, H_kv, bs, r + D], K = [..., :r], V = [..., r:]
+  * FACTORKV_CPU_THIN, FACTORKV_LATENT (ours): [num_blocks, H_kv, bs, r + D], K = [..., :r]
+    (thin key or latent slot), V = [..., r:]
   * vLLM CPU_ATTN: [num_blocks, H_kv, bs, 2D], whose kernel stores each block's keys
     dim-major ([D, bs] for fp32 "vec") and values token-major. The maps are found by
     writing a probe through vLLM's own ``cpu_attn_reshape_and_cache``, so they follow
@@ -23,18 +27,21 @@ two index maps [bs, d] giving the element of token t, dim d inside a region:
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from engine.eviction.policy import EvictionConfigError, EvictionPolicy
 
-SUPPORTED_BACKENDS = ("CPU_ATTN", "FACTORKV_CPU_THIN")
+SUPPORTED_BACKENDS = ("CPU_ATTN", "FACTORKV_CPU_THIN", "FACTORKV_LATENT")
 
 
 @dataclass
 class LayerCache:
-    """One layer's paged cache as flat regions, with per-token element maps."""
+    """One layer's paged cache as flat regions, with per-token element maps. ``latent``:
+    the layer caches latent keys; a function [H_kv, n, r] latent slots -> [H_kv, n, D] pre-RoPE
+    keys, and the layer selects per layer (every head of a latent reads every kept token)."""
 
     name: str
     flat: torch.Tensor        # the layer's cache, flattened (a view)
@@ -42,6 +49,7 @@ class LayerCache:
     num_kv_heads: int
     key_map: torch.Tensor     # [bs, dk] int64: element of (token, dim) in a region
     value_map: torch.Tensor   # [bs, dv]
+    latent: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def index(self, block_ids: torch.Tensor, n: int, which: torch.Tensor) -> torch.Tensor:
         """Flat indices [H, n, d] of tokens 0..n-1 of a request with these blocks."""
@@ -81,8 +89,10 @@ def _cpu_attn_maps(block_size: int, head_size: int, isa: str) -> tuple[torch.Ten
 
 
 def layer_cache(name: str, backend_name: str, kv_cache: torch.Tensor, head_size: int,
-                block_size: int, isa: str | None = None) -> LayerCache:
-    """The region view and element maps of one layer's paged cache (no copy)."""
+                block_size: int, isa: str | None = None,
+                latent: Callable[[torch.Tensor], torch.Tensor] | None = None) -> LayerCache:
+    """The region view and element maps of one layer's paged cache (no copy); ``latent``:
+    the key rebuild of a FACTORKV_LATENT layer (see LayerCache)."""
     if not kv_cache.is_contiguous():
         raise EvictionConfigError(f"kv-evict: layer {name}: KV cache is not contiguous")
     nb, h = kv_cache.shape[0], kv_cache.shape[1]
@@ -94,7 +104,7 @@ def layer_cache(name: str, backend_name: str, kv_cache: torch.Tensor, head_size:
 
         isa = isa or _get_attn_isa(kv_cache.dtype, block_size, head_size)
         key_map, value_map = _cpu_attn_maps(block_size, head_size, isa)
-    elif backend_name == "FACTORKV_CPU_THIN":
+    elif backend_name in ("FACTORKV_CPU_THIN", "FACTORKV_LATENT"):
         key_map, value_map = _thin_maps(block_size, head_size, kv_cache.shape[-1] - head_size)
     else:
         raise EvictionConfigError(
@@ -103,24 +113,32 @@ def layer_cache(name: str, backend_name: str, kv_cache: torch.Tensor, head_size:
     if region != block_size * (key_map.shape[1] + value_map.shape[1]):
         raise EvictionConfigError(f"kv-evict: layer {name}: cache shape {tuple(kv_cache.shape)} "
                                   f"does not match block size {block_size}")
-    return LayerCache(name, kv_cache.view(-1), region, h, key_map, value_map)
+    if (backend_name == "FACTORKV_LATENT") != (latent is not None):
+        raise EvictionConfigError(f"kv-evict: layer {name}: latent keys need their key rebuild")
+    return LayerCache(name, kv_cache.view(-1), region, h, key_map, value_map, latent)
 
 
 @torch.no_grad()
-def compact(cache: LayerCache, block_ids: list[int], n: int, policy: EvictionPolicy) -> int:
-    """Keep policy.select(...) of the n cached tokens per head, packed into slots 0..k-1.
+def compact(cache: LayerCache, block_ids: list[int], n: int, policy: EvictionPolicy
+            ) -> torch.Tensor:
+    """Keep policy.select(...) of the n cached tokens per head (latent layers: one selection
+    for all heads, ``policy.select_per_layer`` of the rebuilt pre-RoPE keys), packed into
+    slots 0..k-1, k = policy.num_kept(n).
 
-    Returns k = policy.num_kept(n)."""
+    Returns the kept positions [H, k] (slot j of head h now holds token sel[h, j])."""
     k = policy.num_kept(n)
     if k == n:
-        return n
+        return torch.arange(n).expand(cache.num_kv_heads, n)
     ids = torch.as_tensor(block_ids, dtype=torch.long)
     k_src = cache.index(ids, n, cache.key_map)
     v_src = cache.index(ids, n, cache.value_map)
     keys = cache.flat[k_src]                                   # [H, n, dk]
-    sel = policy.select(policy.score(keys))                    # [H, k]
+    if cache.latent is not None:
+        sel = policy.select_per_layer(cache.latent(keys)).expand(cache.num_kv_heads, -1)
+    else:
+        sel = policy.select(policy.score(keys))                # [H, k]
     kept_k = keys.gather(1, sel[..., None].expand(-1, -1, keys.shape[-1]))
     kept_v = cache.flat[v_src.gather(1, sel[..., None].expand(-1, -1, v_src.shape[-1]))]
     cache.flat[k_src[:, :k]] = kept_k
     cache.flat[v_src[:, :k]] = kept_v
-    return k
+    return sel

@@ -10,7 +10,9 @@ whose cache holds n tokens, per layer and per KV head:
              ∪  [n - window, n)
 
 returned in increasing position order. Heads may keep different tokens; every head keeps
-the same count, so each head's kept tokens pack into the same slot range.
+the same count, so each head's kept tokens pack into the same slot range. Latent keys
+(RoPE-exact, docs/methods.md) select per layer instead: one set of tokens for all heads,
+scored on the concatenated pre-RoPE keys (:meth:`EvictionPolicy.select_per_layer`).
 
 Policies (``POLICIES``, by name):
 
@@ -99,13 +101,27 @@ class EvictionPolicy:
         tail = torch.arange(n - self.window, n).expand(h, -1)
         return torch.cat([head, chosen.sort(dim=1).values, tail], dim=1)
 
-    def keep_mask(self, keys: torch.Tensor, prompt_len: int, layer: int = 0) -> torch.Tensor:
+    def select_per_layer(self, keys: torch.Tensor, layer: int = 0) -> torch.Tensor:
+        """Keys [H_kv, n, dim] -> kept positions [num_kept(n)], one selection for all heads,
+        scored on each token's keys of all heads as one vector [H_kv·dim] (for L2NormPolicy
+        the norm of the concatenation). Latent keys need it: every head of a joint latent
+        reads every kept token."""
+        h, n, _ = keys.shape
+        return self.select(self.score(keys.transpose(0, 1).reshape(1, n, -1), layer))[0]
+
+    def keep_mask(self, keys: torch.Tensor, prompt_len: int, layer: int = 0,
+                  per_layer: bool = False) -> torch.Tensor:
         """Keys [T, H_kv, r] (as cached) -> bool [H_kv, T]: True at the selection among the
-        first ``prompt_len`` tokens and at every j >= prompt_len (never evicted)."""
+        first ``prompt_len`` tokens and at every j >= prompt_len (never evicted). per_layer:
+        one selection for all heads (:meth:`select_per_layer`)."""
         t, h_kv, _ = keys.shape
-        scores = self.score(keys[:prompt_len], layer).T                # [H_kv, L]
         keep = torch.zeros(h_kv, t, dtype=torch.bool)
         keep[:, prompt_len:] = True
+        if per_layer:
+            sel = self.select_per_layer(keys[:prompt_len].transpose(0, 1), layer)
+            keep[:, sel] = True
+            return keep
+        scores = self.score(keys[:prompt_len], layer).T                # [H_kv, L]
         keep.scatter_(1, self.select(scores), True)
         return keep
 

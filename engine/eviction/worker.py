@@ -13,6 +13,10 @@ fields the :class:`engine.eviction.scheduler.EvictionScheduler` adds to each Sch
       seq_lens      -= e      (attention reads the physical cache)
       slot_mapping  from (position - e)
 
+Latent-key layers (FACTORKV_LATENT) rotate cached keys at read time, so the worker keeps each
+compacted request's kept positions per layer and hands the step's slot -> position table to
+those layers' attention (``LatentKeyImpl.key_positions``).
+
 Everything else (block table, query_start_loc, sampling) is vLLM's.
 """
 
@@ -38,6 +42,8 @@ class EvictingRunnerMixin:
 
     _evict_offsets: dict[str, int] = {}
     _evict_layers: list[LayerCache] | None = None
+    _latent_impls: dict | None = None                  # layer name -> LatentKeyImpl
+    _latent_kept: dict[str, dict[str, torch.Tensor]] | None = None   # req -> layer -> sel [k]
 
     def _eviction_layers(self) -> list[LayerCache]:
         if self._evict_layers is None:
@@ -51,11 +57,15 @@ class EvictingRunnerMixin:
                 if not isinstance(kv, torch.Tensor) or kv.numel() == 0:
                     continue
                 backend = layer.attn_backend.get_name()
+                impl = layer.impl if backend == "FACTORKV_LATENT" else None
                 layers.append(layer_cache(name, backend, kv, layer.head_size, block_size,
-                                          getattr(layer, "isa", None)))
+                                          getattr(layer, "isa", None),
+                                          latent=_rebuild_fn(impl) if impl else None))
             if not layers:
                 raise RuntimeError("kv-evict: no attention layer with a KV cache found")
             self._evict_layers = layers
+            self._latent_impls = {c.name: ctx[c.name].impl for c in layers if c.latent}
+            self._latent_kept = {}
         return self._evict_layers
 
     def _apply_compactions(self, compactions: dict) -> None:
@@ -67,7 +77,10 @@ class EvictingRunnerMixin:
             policy = L2NormPolicy(**policy_dict)
             block_ids = state.block_ids[0]
             for cache in self._eviction_layers():
-                k = compact(cache, block_ids, n, policy)
+                sel = compact(cache, block_ids, n, policy)
+                if cache.latent is not None:
+                    self._latent_kept.setdefault(req_id, {})[cache.name] = sel[0]
+            k = sel.shape[1]
             del block_ids[math.ceil(k / block_size):]
             row = self.input_batch.req_id_to_index.get(req_id)
             if row is not None:
@@ -78,6 +91,11 @@ class EvictingRunnerMixin:
         if compactions:
             self._apply_compactions(compactions)
         self._evict_offsets = getattr(scheduler_output, "factorkv_offsets", None) or {}
+        if self._latent_impls:
+            for impl in self._latent_impls.values():
+                impl.key_positions = None
+            for req_id in [r for r in self._latent_kept if r not in self.requests]:
+                del self._latent_kept[req_id]
         return super().execute_model(scheduler_output, intermediate_tensors)
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
@@ -100,6 +118,28 @@ class EvictingRunnerMixin:
         physical = self.positions[:total] - per_token.to(self.positions.dtype)
         self.input_batch.block_table.compute_slot_mapping(
             num_reqs, self.query_start_loc.gpu[: num_reqs + 1], physical)
+        if self._latent_impls:
+            self._set_key_positions(offsets)
+
+    def _set_key_positions(self, offsets: np.ndarray) -> None:
+        """Latent-key layers rotate each cached key at its token's position: for this step's
+        requests, slot t < k of a compacted request holds kept token sel[t] (its layer's
+        selection), slot t >= k the token at t + e (e = its offset); others slot t = t."""
+        req_ids = self.input_batch.req_ids[:len(offsets)]
+        length = int(self.seq_lens[:len(offsets)].max())
+        base = torch.arange(length)[None] + torch.from_numpy(offsets)[:, None]    # [R, L]
+        for name, impl in self._latent_impls.items():
+            table = base.clone()
+            for i, req_id in enumerate(req_ids):
+                sel = self._latent_kept.get(req_id, {}).get(name)
+                if sel is not None and offsets[i]:
+                    table[i, :len(sel)] = sel
+            impl.key_positions = table.to(torch.int32)
+
+
+def _rebuild_fn(impl):
+    """Latent slots [H_kv, n, r] -> pre-RoPE keys [H_kv, n, D] of one latent layer."""
+    return lambda slots: impl.rebuild_keys(slots.transpose(0, 1)).transpose(0, 1)
 
 
 class EvictingCPUModelRunner(EvictingRunnerMixin, CPUModelRunner):

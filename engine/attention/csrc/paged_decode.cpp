@@ -8,7 +8,8 @@
 // latent_decode: q [B, H, D] (rotated); KV head h of latent group g = h / m (m = H_kv / groups)
 //                rebuilds its key from the group's m slots, c_g(t) = [slot g·m .. g·m+m-1] (r_g = m·r),
 //                    k_h(t) = RoPE_{pos(t)}(B_h c_g(t)),   B_h = up_t[h]ᵀ  (up_t [H_kv, r_g, D])
-//                with cos/sin [P, H_kv, D] (rotate_half's sign folded into sin), pos(t) = t;
+//                with cos/sin [P, H_kv, D] (rotate_half's sign folded into sin), pos(t) = t or,
+//                after an eviction compacted the cache, key_pos[b, t] (int32 [B, >= seq_len]);
 //                score(t) = q · k_h(t).  Cost per token and KV head: r_g·D multiply-adds (the rebuild)
 //                + G·D (QK) + G·D (PV).
 //
@@ -225,7 +226,8 @@ constexpr int64_t kMaxGroupSlots = 64;
 
 void latent_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tensor block_table,
                    torch::Tensor seq_lens, torch::Tensor up_t, torch::Tensor cos,
-                   torch::Tensor sin, int64_t groups, torch::Tensor out, double scale) {
+                   torch::Tensor sin, torch::Tensor key_pos, int64_t groups, torch::Tensor out,
+                   double scale) {
   check_common(q, kv_cache, block_table, seq_lens, out);
   const int64_t Hkv = kv_cache.size(1), D = q.size(2), r = kv_cache.size(3) - D;
   TORCH_CHECK(r > 0 && groups > 0 && Hkv % groups == 0, "latent_decode: bad latent groups");
@@ -238,8 +240,20 @@ void latent_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tensor block_
                   cos.is_contiguous() && sin.is_contiguous() && cos.sizes() == sin.sizes() &&
                   cos.size(1) == Hkv && cos.size(2) == D,
               "latent_decode: cos/sin must be float32 [P, H_kv, D]");
-  TORCH_CHECK(seq_lens.numel() == 0 || seq_lens.max().item<int32_t>() <= cos.size(0),
-              "latent_decode: rotary table shorter than the sequences");
+  const bool remap = key_pos.numel() > 0;
+  if (remap) {
+    TORCH_CHECK(key_pos.scalar_type() == torch::kInt32 && key_pos.dim() == 2 &&
+                    key_pos.stride(1) == 1 && key_pos.size(0) == seq_lens.size(0) &&
+                    key_pos.size(1) >= seq_lens.max().item<int32_t>(),
+                "latent_decode: key_pos must be int32 [B, >= max seq_len]");
+    TORCH_CHECK(key_pos.min().item<int32_t>() >= 0 && key_pos.max().item<int32_t>() < cos.size(0),
+                "latent_decode: rotary table shorter than the key positions");
+  } else {
+    TORCH_CHECK(seq_lens.numel() == 0 || seq_lens.max().item<int32_t>() <= cos.size(0),
+                "latent_decode: rotary table shorter than the sequences");
+  }
+  const int32_t* kpp = remap ? key_pos.data_ptr<int32_t>() : nullptr;
+  const int64_t kp_stride = remap ? key_pos.stride(0) : 0;
   TORCH_CHECK(D % 2 == 0, "latent_decode: odd head dim");
   const Paged p(kv_cache, block_table, seq_lens, q.size(1), r);
   const float* qp = q.data_ptr<float>();
@@ -264,7 +278,7 @@ void latent_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tensor block_
       else rebuild_key<0>(c, m, r, u, D, k);
       for (int64_t j = 0; j < m; ++j) c[j] += p.s2;
       // RoPE at the key's position: kr = k·cos + rotate_half(k)·sin (sign folded into sin)
-      const int64_t pos = blk * p.bs + t;
+      const int64_t pos = kpp ? kpp[b * kp_stride + blk * p.bs + t] : blk * p.bs + t;
       const float* cr = cp + pos * cs + h * D;
       const float* sr = snp + pos * cs + h * D;
 #pragma omp simd

@@ -53,7 +53,7 @@ def targets(summary: dict, sink: int, window: int) -> list[str]:
                          f"(n = {row['n']}): " + "; ".join(parts))
     main = sorted((Setting.from_dict(d) for d in summary["settings"]), key=lambda s: s.policy.keep)
     main = [s for s in main
-            if s.skip_layers == 0 and s.order == "low"
+            if s.skip_layers == 0 and s.order == "low" and s.select == "head"
             and (s.policy.sink, s.policy.window) == (sink, window)]
     for row in summary["retrieval"]:
         low = []
@@ -97,7 +97,7 @@ def plot(path: Path, summary: dict, settings: list[Setting], opts: dict) -> Path
     except ImportError:
         return None
     main = sorted((s for s in settings if s.skip_layers == 0 and s.order == "low" and
-                   (s.policy.sink, s.policy.window) == (opts["sink"], opts["window"])),
+                   s.select == "head" and (s.policy.sink, s.policy.window) == (opts["sink"], opts["window"])),
                   key=lambda s: -s.policy.keep)
     xs = [1.0] + [s.policy.keep for s in main]
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))

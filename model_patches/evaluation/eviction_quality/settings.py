@@ -12,24 +12,31 @@ import torch
 from engine.eviction.policy import POLICIES, EvictionPolicy, L2NormPolicy
 
 #: the --extra grammar: field -> type
-FIELDS = {"keep": float, "sink": int, "window": int, "skip": int, "order": str}
+FIELDS = {"keep": float, "sink": int, "window": int, "skip": int, "order": str, "select": str}
 CONTROL_LABELS = {"random": "control: random tokens kept instead of lowest-norm",
                   "high": "control: highest-norm tokens kept"}
+SELECT = ("head", "layer")
 
 
-def evict_cache(cache: list, policy: EvictionPolicy, skip_layers: int = 0) -> list:
+def evict_cache(cache: list, policy: EvictionPolicy, skip_layers: int = 0,
+                per_layer: bool = False) -> list:
     """Compact a KV cache (per layer (k [B, H_kv, L, r], v [B, H_kv, L, D]), k after RoPE) to
     the positions ``policy.select(policy.score(k, layer))`` of each sequence, layer and KV head,
     in order. Every head keeps the same count, so the result is again a dense cache
     [B, H_kv, kept, ·]. ``skip_layers`` (a variation, not an engine option): the first N layers
-    keep everything."""
+    keep everything. ``per_layer``: one selection for all heads of a layer
+    (``policy.select_per_layer``; what the engine does for latent keys)."""
     out = []
     for i, (k, v) in enumerate(cache):
         if i < skip_layers:
             out.append((k, v))
             continue
-        scores = policy.score(k, layer=i)                                    # [B, H_kv, L]
-        sel = torch.stack([policy.select(sb) for sb in scores])             # [B, H_kv, kept]
+        if per_layer:
+            sel = torch.stack([policy.select_per_layer(kb, i).expand(k.shape[1], -1)
+                               for kb in k])                                # [B, H_kv, kept]
+        else:
+            scores = policy.score(k, layer=i)                                # [B, H_kv, L]
+            sel = torch.stack([policy.select(sb) for sb in scores])         # [B, H_kv, kept]
         out.append((k.gather(2, sel[..., None].expand(-1, -1, -1, k.shape[-1])),
                     v.gather(2, sel[..., None].expand(-1, -1, -1, v.shape[-1]))))
     return out
@@ -44,8 +51,11 @@ class Setting:
     policy: EvictionPolicy
     skip_layers: int = 0
     order: str = "low"
+    select: str = "head"
 
     def __post_init__(self) -> None:
+        if self.select not in SELECT:
+            raise ValueError(f"select must be head or layer, got {self.select!r}")
         if self.order == "low" and self.policy.name in POLICIES:
             object.__setattr__(self, "order", self.policy.name)
         cls = POLICIES.get(self.order)
@@ -60,7 +70,8 @@ class Setting:
         p = self.policy
         return f"keep{p.keep:g}-s{p.sink}-w{p.window}" + \
             (f"-skip{self.skip_layers}" if self.skip_layers else "") + \
-            (f"-{self.order}" if self.order != "low" else "")
+            (f"-{self.order}" if self.order != "low" else "") + \
+            ("-per-layer" if self.select == "layer" else "")
 
     def label(self, sink: int, window: int) -> str:
         p, extra = self.policy, []
@@ -70,6 +81,8 @@ class Setting:
             extra.append(f"layers 0-{self.skip_layers - 1} not evicted")
         if self.order != "low":
             extra.append(CONTROL_LABELS[self.order])
+        if self.select == "layer":
+            extra.append("one selection per layer, all heads")
         return f"keep {p.keep:g}" + (f" ({'; '.join(extra)})" if extra else "")
 
     def kept_fraction(self, n: int, n_layers: int) -> float:
@@ -80,11 +93,12 @@ class Setting:
     def evict(self, cache: list) -> list:
         if not self.policy.enabled:
             return cache
-        return evict_cache(cache, self.policy, self.skip_layers)
+        return evict_cache(cache, self.policy, self.skip_layers, self.select == "layer")
 
     @classmethod
     def parse(cls, spec: str) -> "Setting":
-        """'keep=F[,sink=S][,window=W][,skip=N][,order=low|random|high]' (a bare number: keep)."""
+        """'keep=F[,sink=S][,window=W][,skip=N][,order=low|random|high][,select=head|layer]'
+        (a bare number: keep)."""
         given: dict = {}
         for part in (x.strip() for x in spec.split(",")):
             if not part:
@@ -99,14 +113,17 @@ class Setting:
                 raise ValueError(f"{field} needs a number, got {value.strip()!r}") from None
         if "keep" not in given:
             raise ValueError(f"keep= is required, got {spec!r}")
-        skip, order = given.pop("skip", 0), given.pop("order", "low")
-        return cls(L2NormPolicy(**given), skip, order)
+        skip, order, select = given.pop("skip", 0), given.pop("order", "low"), \
+            given.pop("select", "head")
+        return cls(L2NormPolicy(**given), skip, order, select)
 
     def to_dict(self) -> dict:
-        return {**self.policy.to_dict(), "skip_layers": self.skip_layers, "order": self.order}
+        return {**self.policy.to_dict(), "skip_layers": self.skip_layers, "order": self.order,
+                "select": self.select}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Setting":
         d = dict(d)
-        skip, order = d.pop("skip_layers", 0), d.pop("order", "low")
-        return cls(L2NormPolicy(**d), skip, order)
+        skip, order, select = d.pop("skip_layers", 0), d.pop("order", "low"), \
+            d.pop("select", "head")
+        return cls(L2NormPolicy(**d), skip, order, select)
