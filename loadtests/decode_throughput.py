@@ -99,28 +99,36 @@ def factored_copy(src: Path, rank: int) -> Path:
     return dst
 
 
-def latent_copy(src: Path, rank: int) -> Path:
-    """A latent-key copy of src at `rank` (weight PCA of W_K, one joint latent per layer:
+def latent_copy(src: Path, rank: int, groups: int = 1) -> Path:
+    """A latent-key copy of src at `rank` with `groups` latents per layer (weight PCA of W_K:
     throughput does not depend on the factors' values), cached next to the source."""
     from model_patches.conversion.checkpoint_writer import write_factored
     from model_patches.conversion.latent_init import weight_pca_latent
-    dst = src.parent / f"{src.name}-latent-r{rank}"
+    dst = src.parent / (f"{src.name}-latent-r{rank}" + (f"-g{groups}" if groups > 1 else ""))
     if not (dst / "config.json").exists():
-        cfg, state, fk = weight_pca_latent(src, rank, 1, method="latent-weight-pca")
+        cfg, state, fk = weight_pca_latent(src, rank, groups, method="latent-weight-pca")
         write_factored(src, dst, cfg=cfg, family="llama", state=state, fk=fk)
     return dst
 
 
-def ceiling(cfg: dict, rank: int, context: int) -> tuple[float, float, float]:
+def per_head_copy(src: Path, rank: int) -> Path:
+    """latent_copy with one latent per KV head (r_g = r: a third of the rebuild work of a joint
+    latent over 3 KV heads)."""
+    from engine.checkpoint import model_dims, read_config
+    return latent_copy(src, rank, model_dims(read_config(src))[2])
+
+
+def ceiling(cfg: dict, rank: int, context: int, groups: int = 1) -> tuple[float, float, float]:
     """(model multiply-adds per token, attention QK+PV per token, latent reconstruction per
-    token) at one context; ceiling = (a + b) / (a + b + c)."""
+    token) at one context, for `groups` latents per layer (r_g = H_kv / groups · rank);
+    ceiling = (a + b) / (a + b + c)."""
     from engine.checkpoint import model_dims
     n_layers, h, h_kv, d, hidden = model_dims(cfg)
     inter = cfg.get("intermediate_size", 4 * hidden)
     per_layer = hidden * (h * d + 2 * h_kv * d + h * d) + 3 * hidden * inter
     model = n_layers * per_layer + cfg.get("vocab_size", 0) * hidden
     attn = n_layers * context * h * 2 * d
-    rebuild = n_layers * context * h_kv * d * (h_kv * rank)
+    rebuild = n_layers * context * h_kv * d * (h_kv // groups * rank)
     return model, attn, rebuild
 
 
@@ -150,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
         from model_patches.conversion.default_model import prepare_default_model
         base = prepare_default_model()
     # latent-torch: the latent model on the backend's torch decode path (FACTORKV_CPU_KERNEL=0)
-    copies = {"thin": factored_copy, "latent": latent_copy, "latent-torch": latent_copy}
+    copies = {"thin": factored_copy, "latent": latent_copy, "latent-torch": latent_copy,
+              "latent-per-head": per_head_copy}
     keys = [k for k in args.keys.split(",") if k]
     if not keys or any(k not in copies for k in keys):
         ap.error(f"--keys takes a comma list of {', '.join(copies)}")
@@ -189,13 +198,15 @@ def write_report(args, models: dict[str, Path], runs: dict, batches, contexts,
     import torch
     import vllm
 
-    from engine.checkpoint import read_config
+    from engine.checkpoint import model_dims, read_config
     names = [n for n in models if n != "baseline"]
     backend = {"thin": "FactorKV's thin-key CPU backend (C++ decode kernel)",
                "latent": "FactorKV's latent-key backend (C++ decode kernel: per block, "
                          "rebuild and rotate each cached key, scores, online softmax)",
                "latent-torch": "the latent-key backend's torch decode path (gather, one GEMM "
-                               "per step reconstructs every cached key, RoPE, scores)"}
+                               "per step reconstructs every cached key, RoPE, scores)",
+               "latent-per-head": "the latent-key backend's C++ kernel, one latent per KV head "
+                                  "(r_g = r)"}
     lines = [
         "# Engine: decode throughput, factored vs unmodified (CPU)", "",
         f"Command: `python -m loadtests.decode_throughput --rank {args.rank} --keys {args.keys} "
@@ -212,32 +223,41 @@ def write_report(args, models: dict[str, Path], runs: dict, batches, contexts,
           for n in names], "",
         "Decode tokens/s (median of repeats; prefill excluded, see the module docstring):", "",
         "| batch | context | baseline tok/s | " + " | ".join(f"{n} tok/s | {n} / baseline"
-                                                        for n in names)
-        + (" | latent ceiling | latent / ceiling |" if "latent" in names else " |"),
-        "|---:|---:|---:|" + "---:|---:|" * len(names) + ("---:|---:|" if "latent" in names else ""),
+                                                        for n in names) + " |",
+        "|---:|---:|---:|" + "---:|---:|" * len(names),
     ]
     cfg = read_config(models["baseline"])
+    groups = {"latent": 1, "latent-torch": 1, "latent-per-head": model_dims(cfg)[2]}
+    latent = [n for n in names if n in groups]
     for c in contexts:
         for b in batches:
             bt = _median(runs["baseline"], b, c)
-            row = f"| {b} | {c} | {bt:.1f} | "
-            for n in names:
-                t = _median(runs[n], b, c)
-                row += f"{t:.1f} | {t / bt:.2f}x | "
-            if "latent" in names:
-                m, a, r = ceiling(cfg, args.rank, c)
-                ceil = (m + a) / (m + a + r)
-                row += f"{ceil:.2f}x | {_median(runs['latent'], b, c) / bt / ceil:.0%} |"
-            lines.append(row.rstrip(" "))
-    if "latent" in names:
+            lines.append(f"| {b} | {c} | {bt:.1f} | " + " | ".join(
+                f"{_median(runs[n], b, c):.1f} | {_median(runs[n], b, c) / bt:.2f}x"
+                for n in names) + " |")
+    if latent:
+        lines += ["", "Latent keys against their ceiling (the speed at the original's efficiency "
+                  "given the extra arithmetic; ratio / ceiling is the efficiency reached):", "",
+                  "| batch | context | " + " | ".join(f"{n} / baseline | ceiling | of ceiling"
+                                                     for n in latent) + " |",
+                  "|---:|---:|" + "---:|---:|---:|" * len(latent)]
+        for c in contexts:
+            for b in batches:
+                bt, cells = _median(runs["baseline"], b, c), []
+                for n in latent:
+                    m, a, r = ceiling(cfg, args.rank, c, groups[n])
+                    ratio, ceil = _median(runs[n], b, c) / bt, (m + a) / (m + a + r)
+                    cells.append(f"{ratio:.2f}x | {ceil:.2f}x | {ratio / ceil:.0%}")
+                lines.append(f"| {b} | {c} | " + " | ".join(cells) + " |")
         lines += ["", "Ceiling arithmetic (multiply-adds per decoded token, "
                   "`loadtests.decode_throughput.ceiling`):", "",
-                  "| context | model | attention QK+PV | latent key reconstruction | ceiling |",
-                  "|---:|---:|---:|---:|---:|"]
+                  "| context | latents per layer | model | attention QK+PV | "
+                  "latent key reconstruction | ceiling |", "|---:|---:|---:|---:|---:|---:|"]
         for c in contexts:
-            m, a, r = ceiling(cfg, args.rank, c)
-            lines.append(f"| {c} | {m / 1e6:.1f} M | {a / 1e6:.1f} M | {r / 1e6:.1f} M | "
-                         f"{(m + a) / (m + a + r):.2f}x |")
+            for g in sorted({groups[n] for n in latent}):
+                m, a, r = ceiling(cfg, args.rank, c, g)
+                lines.append(f"| {c} | {g} | {m / 1e6:.1f} M | {a / 1e6:.1f} M | "
+                             f"{r / 1e6:.1f} M | {(m + a) / (m + a + r):.2f}x |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

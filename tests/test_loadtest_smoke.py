@@ -51,3 +51,27 @@ def test_latent_decode_ceiling_arithmetic():
         m, a, r = ceiling(cfg, 16, ctx)
         assert r == 30 * ctx * 3 * 64 * 48 and a == 30 * ctx * 9 * 128
         assert abs((m + a) / (m + a + r) - want) < 0.01
+    m, a, r = ceiling(cfg, 16, 2048, groups=3)           # one latent per KV head: r_g = r
+    assert r == 30 * 2048 * 3 * 64 * 16
+
+
+def test_decode_report_tables(tmp_path, default_model_dir):
+    """The decode benchmark's report from recorded runs: one row per point, the latent forms
+    against their ceilings (joint and per-head latents have different ceilings)."""
+    import argparse
+
+    from loadtests.decode_throughput import write_report
+
+    names = ["baseline", "thin", "latent", "latent-per-head"]
+    tok_s = {"baseline": 10.0, "thin": 9.0, "latent": 4.0, "latent-per-head": 6.0}
+    runs = {n: [{"num_gpu_blocks": 100, "block_size": 128, "results": [
+        {"batch": b, "context": c, "decode_tok_s": tok_s[n] * b} for b in (1, 8)
+        for c in (512,)]}] for n in names}
+    models = {n: default_model_dir for n in names}
+    args = argparse.Namespace(rank=16, keys="thin,latent,latent-per-head", batches="1,8",
+                              contexts="512", new_tokens=8, kv_cache_memory="1GiB", repeats=1,
+                              out=str(tmp_path / "engine.md"))
+    write_report(args, models, runs, [1, 8], [512], (0.1, 0.2), "2")
+    text = (tmp_path / "engine.md").read_text()
+    assert "| 8 | 512 | 80.0 | 72.0 | 0.90x | 32.0 | 0.40x | 48.0 | 0.60x |" in text
+    assert "| 1 | 512 | 0.40x | 0.52x | 77% | 0.60x | 0.76x | 79% |" in text
