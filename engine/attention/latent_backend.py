@@ -93,20 +93,12 @@ class LatentKeyImpl(ThinKeyCPUImpl):
         k = self.keys.reconstruct(slots.reshape(*lead, -1), self.up.weight.to(slots.dtype))
         return k.view(*lead, self.num_kv_heads, -1)
 
-    def _keys(self, latent: torch.Tensor, length: int) -> torch.Tensor:
-        """Cached latent [L, ..., H_kv, r] of positions 0..L-1 -> rotated keys [L, ..., H_kv, D]."""
+    def _keys(self, latent: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Cached latent [*P, H_kv, r] of the tokens at positions pos [*P] -> rotated keys
+        [*P, H_kv, D] (the layer's rotary table, one row per token)."""
         k = self.rebuild_keys(latent)
-        pos = torch.arange(length, device=latent.device)
-        return self.keys.rope.rotate_keys(pos, k.flatten(-2)).view(k.shape)
-
-    def _keys_at(self, latent: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Cached latent [n, L, H_kv, r] at token positions pos [n, L] -> rotated keys
-        [n, L, H_kv, D] (the rotary tables gathered per request)."""
-        k = self.rebuild_keys(latent)
-        cos, sin = self.keys.rope.tables(int(pos.max()) + 1)
-        cos, sin = cos[pos.long()].to(k.dtype), sin[pos.long()].to(k.dtype)   # [n, L, H_kv, D]
-        half = k.shape[-1] // 2
-        return k * cos + torch.cat((k[..., half:], k[..., :half]), -1) * sin
+        flat = k.reshape(pos.numel(), -1)                              # [tokens, H_kv·D]
+        return self.keys.rope.rotate_keys(pos.reshape(-1), flat).view(k.shape)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: ThinKeyCPUMetadata | None,
@@ -125,7 +117,8 @@ class LatentKeyImpl(ThinKeyCPUImpl):
         for p in attn_metadata.prefills:
             g = flat.index_select(0, p.rows.reshape(-1).to(flat.device))
             g = g.view(self.num_kv_heads, -1, flat.shape[1]).transpose(0, 1)   # [S, H_kv, r + D]
-            k = self._keys(g[..., :r], g.shape[0]).transpose(0, 1)            # [H_kv, S, D]
+            pos = torch.arange(g.shape[0], device=g.device)
+            k = self._keys(g[..., :r], pos).transpose(0, 1)                   # [H_kv, S, D]
             mask = None if p.mask is None else p.mask.to(query.device)
             out = F.scaled_dot_product_attention(
                 query[p.q_start:p.q_end].transpose(0, 1)[None], k[None],
@@ -169,11 +162,9 @@ class LatentKeyImpl(ThinKeyCPUImpl):
             e = min(nd, s + step)
             g = flat.index_select(0, rows[s:e].reshape(-1)).view(e - s, self.num_kv_heads,
                                                                   length, c)
-            if pos is None:
-                k = self._keys(g[..., :r].permute(2, 0, 1, 3), length)     # [L, n, H_kv, D]
-            else:
-                k = self._keys_at(g[..., :r].transpose(1, 2), pos[s:e, :length]
-                                  ).transpose(0, 1)                       # [L, n, H_kv, D]
+            at = (torch.arange(length, device=g.device)[:, None].expand(length, e - s)
+                  if pos is None else pos[s:e, :length].T)                # [L, n] positions
+            k = self._keys(g[..., :r].permute(2, 0, 1, 3), at)             # [L, n, H_kv, D]
             q = query[s:e].view(e - s, self.num_kv_heads, self.group, -1)
             scores = torch.matmul(q, k.permute(1, 2, 3, 0)).float()          # [n, H_kv, G, L]
             scores.mul_(self.scale).add_(bias[s:e])
