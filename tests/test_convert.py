@@ -70,9 +70,51 @@ def test_full_rank_latent_conversion_reproduces_llama(sources, tmp_path, groups)
     """Latent keys at r = D: B A = U Uᵀ W_K with U orthogonal, i.e. the original keys."""
     s = convert(sources["llama"], tmp_path / "fr", key_rank=16, latent_groups=groups, **SMALL)
     cfg = json.loads((s.dst / "config.json").read_text())["factored_keys"]
-    assert (cfg["key_mode"], cfg["latent_groups"], cfg["method"]) == ("latent", groups, "latent-pca")
+    assert (cfg["key_mode"], cfg["latent_groups"], cfg["method"]) == ("latent", groups, "latent-qpca")
     diff = (TorchCausalLM.from_dir(s.dst)(IDS) - _logits(sources["llama"], IDS)).abs().max()
     assert diff < 1e-4
+
+
+def test_query_weighted_latent_factors_minimise_the_score_error():
+    """latent_group_factors: B P = I at full rank; with a metric M it attains the least
+    E[(k − k̂)ᵀ M (k − k̂)] (the dropped eigenvalues), below plain PCA's, and plain PCA the least
+    E‖k − k̂‖²."""
+    from model_patches.conversion.latent_init import latent_group_factors
+    g = torch.Generator().manual_seed(0)
+    wk = torch.randn(12, 20, generator=g, dtype=torch.float64)
+    x = torch.randn(20, 20, generator=g, dtype=torch.float64)
+    cx = x @ x.T / 20
+    q = torch.randn(12, 12, generator=g, dtype=torch.float64)
+    metric = q @ torch.diag(torch.linspace(0.01, 5, 12, dtype=torch.float64)) @ q.T
+
+    def err(p, b, m):
+        e = torch.eye(12, dtype=torch.float64) - b @ p           # k − k̂ = (I − B P) k
+        return float(torch.trace(m @ e @ wk @ cx @ wk.T @ e.T))
+    p, b = latent_group_factors(wk, cx, 12, metric)
+    assert torch.allclose(b @ p, torch.eye(12, dtype=torch.float64), atol=1e-8)
+    pw, bw = latent_group_factors(wk, cx, 4, metric)
+    pp, bp = latent_group_factors(wk, cx, 4)
+    s = torch.linalg.cholesky(metric)
+    dropped = torch.linalg.eigvalsh(s.T @ wk @ cx @ wk.T @ s)[:8].sum()
+    assert abs(err(pw, bw, metric) - float(dropped)) < 1e-6 * float(dropped)
+    assert err(pw, bw, metric) < 0.9 * err(pp, bp, metric)
+    eye = torch.eye(12, dtype=torch.float64)
+    assert err(pp, bp, eye) < err(pw, bw, eye)
+
+
+def test_attention_weighted_moments(sources):
+    """Weights sqrt(received attention): one-token windows receive sqrt(H) each (so the moments
+    equal the plain ones); longer windows weight tokens unequally."""
+    from model_patches.conversion.activation_stats import input_moments
+    plain = input_moments(sources["llama"], 64, seq_len=1, progress=False)
+    one = input_moments(sources["llama"], 64, seq_len=1, progress=False, attention_weighted=True)
+    assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(plain, one))
+    plain = input_moments(sources["llama"], 512, seq_len=256, progress=False)
+    weighted = input_moments(sources["llama"], 512, seq_len=256, progress=False,
+                             attention_weighted=True)
+    for a, b in zip(plain, weighted):
+        assert (a - b).abs().max() > 1e-3 * a.abs().max()
+        assert torch.linalg.eigvalsh(b).min() > -1e-9 * b.abs().max()
 
 
 def test_latent_keys_beat_thin_keys_at_the_same_cache(sources, tmp_path):
@@ -157,7 +199,7 @@ def test_latent_calibration_trains_q_a_b_and_reduces_layer_error(sources, tmp_pa
     s = convert(sources["llama"], tmp_path / "cal", key_rank=4, calibrate=True, calibration=cal,
                 **SMALL)
     block = json.loads((s.dst / "config.json").read_text())["factored_keys"]
-    assert block["method"] == "latent-pca+calibrated" and block["key_mode"] == "latent"
+    assert block["method"] == "latent-qpca+calibrated" and block["key_mode"] == "latent"
     assert all(x["relative_mse_after"] < x["relative_mse_before"]
                for x in block["calibration"]["layers"])
     a, b = TorchCausalLM.from_dir(init).w, TorchCausalLM.from_dir(s.dst).w

@@ -39,14 +39,23 @@ def source_tokenizer(src: str | Path):
 
 
 def input_moments(src: str | Path, n_tokens: int = DEFAULT_STAT_TOKENS, seq_len: int = 512,
-                  progress: bool = True, augment: bool = False) -> list[torch.Tensor]:
+                  progress: bool = True, augment: bool = False,
+                  attention_weighted: bool = False) -> list[torch.Tensor]:
     """C_x[l] = E[x xᵀ] (float64) of the input of every attention block, on calibration text.
-    augment: the moments of [x; 1] instead (E[x] in the last row and column), for biases."""
+    augment: the moments of [x; 1] instead (E[x] in the last row and column), for biases.
+    attention_weighted (Llama family): C_x[l] = Σ_n w_n x_n x_nᵀ / Σ_n w_n with
+    w_n = sqrt(Σ_{h,m} a_{h,m,n}), the square root of the attention token n receives from every
+    head and query of its window in layer l: keys that are read (attention sinks, the tokens a
+    query retrieves) weigh more than keys nobody attends to."""
     # transformers is imported here: it takes seconds, and the CLI imports this module
     from transformers import AutoModelForCausalLM
 
     tok = source_tokenizer(src)
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(src), dtype=torch.float32,
+        **({"attn_implementation": "eager"} if attention_weighted else {})).eval()
+    if attention_weighted and not hasattr(model, "model"):
+        raise ConversionError("attention-weighted moments need a Llama-family source")
     ids = torch.tensor(token_stream(tok, "calibration")[:n_tokens])
     if len(ids) < seq_len:
         raise ConversionError("not enough calibration text")
@@ -57,20 +66,36 @@ def input_moments(src: str | Path, n_tokens: int = DEFAULT_STAT_TOKENS, seq_len:
         norms = [block.ln_1 for block in model.transformer.h]
     n = model.config.hidden_size + int(augment)
     sums = [torch.zeros(n, n, dtype=torch.float64) for _ in norms]
-    count = [0]
+    weights = [0.0] * len(norms)            # Σ_n w_n per layer (the token count when unweighted)
+    inputs: dict[int, torch.Tensor] = {}
 
-    def hook(i):
+    def accumulate(i, x, w):
+        sums[i].add_((x * w[:, None]).T @ x)
+        weights[i] += float(w.sum())
+
+    def norm_hook(i):
         def fn(_module, _inp, out):
             x = out.reshape(-1, out.shape[-1]).double()
             if augment:
                 x = torch.cat((x, torch.ones(len(x), 1, dtype=x.dtype)), 1)
-            sums[i].add_(x.T @ x)
+            if attention_weighted:
+                inputs[i] = x                # weighted once the layer's attention is known
+            else:
+                accumulate(i, x, torch.ones(len(x), dtype=x.dtype))
         return fn
-    handles = [n.register_forward_hook(hook(i)) for i, n in enumerate(norms)]
+
+    def attention_hook(i):
+        def fn(_module, _inp, out):
+            probs = out[1]                   # [batch, heads, queries, keys] (eager attention)
+            accumulate(i, inputs.pop(i), probs.double().sum(dim=(1, 2)).reshape(-1).sqrt())
+        return fn
+    handles = [n.register_forward_hook(norm_hook(i)) for i, n in enumerate(norms)]
+    if attention_weighted:
+        handles += [layer.self_attn.register_forward_hook(attention_hook(i))
+                    for i, layer in enumerate(model.model.layers)]
     with torch.inference_mode():
         for w in tqdm(windows, desc="calibration statistics", unit="window", disable=not progress):
             model(w[None])
-            count[0] += w.numel()
     for h in handles:
         h.remove()
-    return [s / count[0] for s in sums]
+    return [s / n for s, n in zip(sums, weights)]

@@ -7,9 +7,10 @@
 
 1. Calibration statistics (model_patches.conversion.activation_stats): the source model runs
    on calibration text (the gensim Wikipedia calibration split, disjoint from evaluation)
-   and the second moment C_x = E[x xᵀ] of every layer's attention input is accumulated.
+   and the second moment C_x = E[x xᵀ] of every layer's attention input is accumulated
+   (for latent keys weighted by the attention each token receives).
 2. Initialisation, layer by layer. keys="latent" (the default for the Llama family):
-   model_patches.conversion.latent_init (PCA of the pre-RoPE keys) gives each layer's latent
+   model_patches.conversion.latent_init (query-weighted PCA of the pre-RoPE keys) gives each layer's latent
    projection A (k_proj) and reconstruction B (k_up_proj); queries, values and RoPE stay the
    source's. keys="thin" (the default for GPT-2, where it is exact algebra):
    model_patches.conversion.thin_init (data-aware whitened SVD, rotary pair choice) gives each
@@ -87,7 +88,7 @@ def resolve_keys(family: str, keys: str | None, init: str | None, latent_groups:
                                   "thin keys are already exact there; use --keys thin)")
         if init is not None:
             raise ConversionError("--init chooses the thin-key initialisation; latent keys are "
-                                  "initialised by PCA (drop --init or pass --keys thin)")
+                                  "initialised by query-weighted PCA (drop --init or pass --keys thin)")
         h_kv = model_dims(cfg)[2]
         groups = 1 if latent_groups is None else latent_groups
         if groups < 1 or h_kv % groups:
@@ -204,11 +205,12 @@ def convert(src: str | Path, dst: str | Path, *, key_rank: int | None = None,
     cfg, sd, family = read_source(src)
     keys, init, groups = resolve_keys(family, keys, init, latent_groups, cfg)
     rank = resolve_rank(cfg, key_rank, key_cache_ratio, family, pairs=keys == "thin")
-    moments = input_moments(src, stat_tokens, progress=progress)
+    moments = input_moments(src, stat_tokens, progress=progress,
+                            attention_weighted=keys == "latent")
     if keys == "latent":
         state = init_latent_state(cfg, sd, rank, groups, moments, progress)
         table, scaling = latent_rotary_table(cfg)
-        method = "latent-pca"
+        method = "latent-qpca"
     else:
         state, table, scaling = init_thin_state(cfg, sd, family, rank, init, moments, progress,
                                                src.name)

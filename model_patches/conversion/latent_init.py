@@ -1,16 +1,24 @@
-"""Training-free initialisation of RoPE-exact latent keys: PCA of the pre-RoPE keys.
+"""Training-free initialisation of RoPE-exact latent keys: query-weighted PCA of the pre-RoPE keys.
 
 For one latent group of a layer (the m = H_kv / G consecutive KV heads that share a latent),
-with the group's key rows W_K,g ((m·D) × hidden, pre-RoPE) and the calibration second moment
-of the attention input C_x = E[x xᵀ]:
+with the group's key rows W_K,g ((m·D) × hidden, pre-RoPE), the calibration second moment of
+the attention input C_x (activation_stats.input_moments, attention-weighted for the converter)
+and a PSD metric M on the group's key space, find the rank-s (s = m·r) latent k̂ = B_g A_g x
+with the least E[(k − k̂)ᵀ M (k − k̂)]:
 
-    C_k = W_K,g C_x W_K,gᵀ = U Λ Uᵀ          (eigenvalues descending)
-    A_g = U_sᵀ W_K,g   (latent projection, s = m·r rows)     B_g = U_s   (key reconstruction)
+    S = M^{1/2},   S W_K,g C_x W_K,gᵀ S = U Λ Uᵀ          (eigenvalues descending)
+    A_g = U_sᵀ S W_K,g   (latent projection)     B_g = S^{-1} U_s   (key reconstruction)
 
-so k̂ = B_g A_g x = U_s U_sᵀ k is the rank-s projection of the keys with the least expected
-squared error E‖k − k̂‖²; at s = m·D it is exact (U orthogonal). Keys are then rotated with the
-source's full-width RoPE at their own positions, so the only approximation is k ≈ k̂.
-A source key bias b becomes the latent bias U_sᵀ b (k̂ = U_s U_sᵀ (W x + b)).
+  query-weighted (the converter's default): M = blockdiag_h(C_q,h), C_q,h = Σ_{i in h} W_q,i C_x
+      W_q,iᵀ the pre-RoPE query moment of KV head h's query heads, so the criterion is the
+      expected squared score error E[(qᵀ(k − k̂))²] over independent queries and keys. RoPE's
+      rotation between the query's and the key's positions is left out (Δ = 0): averaging
+      the metric over Δ uniform in [0, 2048) was measured worse (docs/methods.md);
+  PCA: M = I, k̂ = U_s U_sᵀ k, the least E‖k − k̂‖² (data-free benchmark copies).
+
+At s = m·D both are exact (A_g = U ᵀ S W_K,g, B_g A_g = W_K,g). Keys are then rotated with the
+source's full-width RoPE at their own positions, so the only approximation is k ≈ k̂. A source
+key bias b becomes the latent bias U_sᵀ S b.
 
 Checkpoint tensors per layer (docs/checkpoint-format.md, key_mode "latent"): k_proj = A
 (groups stacked, [H_kv·r, hidden]), k_up_proj = B (groups stacked by rows, [H_kv·D, m·r]);
@@ -27,39 +35,60 @@ from tqdm import tqdm
 from engine.checkpoint import FactoredKeysConfig, model_dims
 from engine.rotary import source_inv_freq
 from engine.weights import load_checkpoint
+from model_patches.conversion.thin_init import head_moments
 
 
-def latent_group_factors(wk: torch.Tensor, cx: torch.Tensor, dims: int
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A [dims, hidden], B [rows, dims]) for key rows wk [rows, hidden] and input moment cx."""
+def psd_sqrt(m: torch.Tensor, floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M^{1/2}, M^{-1/2}) of a symmetric PSD matrix, eigenvalues floored at floor·max."""
+    vals, vecs = torch.linalg.eigh((m + m.T) / 2)
+    vals = vals.clamp_min(vals.max() * floor)
+    return (vecs * vals.sqrt()) @ vecs.T, (vecs / vals.sqrt()) @ vecs.T
+
+
+def latent_group_factors(wk: torch.Tensor, cx: torch.Tensor, dims: int,
+                         metric: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P [dims, rows], B [rows, dims]) for key rows wk [rows, hidden], input moment cx and the
+    key-space metric (None: identity): the latent is P k (A = P wk), the rebuilt key B P k."""
     wk = wk.double()
-    ck = wk @ cx.double() @ wk.T
+    if metric is None:
+        s = s_inv = torch.eye(wk.shape[0], dtype=torch.float64)
+    else:
+        s, s_inv = psd_sqrt(metric.double())
+    ck = s @ wk @ cx.double() @ wk.T @ s
     _, vecs = torch.linalg.eigh((ck + ck.T) / 2)
     u = vecs.flip(-1)[:, :dims]                       # top `dims` principal directions
-    return u.T @ wk, u
+    return u.T @ s, s_inv @ u
 
 
 def init_latent_state(cfg: dict, sd: dict[str, torch.Tensor], rank: int, groups: int,
-                      moments: list[torch.Tensor], progress: bool = True
-                      ) -> dict[str, torch.Tensor]:
+                      moments: list[torch.Tensor], progress: bool = True,
+                      query_weighted: bool = True) -> dict[str, torch.Tensor]:
     """New state dict with latent key projections (k_proj = A, k_up_proj = B) for every layer
-    of a Llama-family source: ``rank`` latent dims per KV head, ``groups`` latents per layer."""
-    n_layers, _, h_kv, d, _ = model_dims(cfg)
+    of a Llama-family source: ``rank`` latent dims per KV head, ``groups`` latents per layer;
+    query_weighted: the score-error metric (module docstring), else plain PCA."""
+    n_layers, n_heads, h_kv, d, _ = model_dims(cfg)
     m = h_kv // groups
+    per_kv = n_heads // h_kv
     state = dict(sd)
-    for i in tqdm(range(n_layers), desc=f"latent init (PCA, r={rank}, groups={groups})",
+    for i in tqdm(range(n_layers), desc=f"latent init (r={rank}, groups={groups})",
                   unit="layer", disable=not progress):
         p = f"model.layers.{i}.self_attn"
         wk = sd[f"{p}.k_proj.weight"]
         bk = sd.get(f"{p}.k_proj.bias")
+        heads = []
+        if query_weighted:
+            wq = sd[f"{p}.q_proj.weight"].view(n_heads, d, -1)
+            heads = [head_moments(wq[h * per_kv:(h + 1) * per_kv], wk[h * d:(h + 1) * d],
+                                  moments[i])[0] for h in range(h_kv)]
         a_rows, b_rows, biases = [], [], []
         for g in range(groups):
             rows = slice(g * m * d, (g + 1) * m * d)
-            a, b = latent_group_factors(wk[rows], moments[i], m * rank)
-            a_rows.append(a)
+            metric = torch.block_diag(*heads[g * m:(g + 1) * m]) if heads else None
+            proj, b = latent_group_factors(wk[rows], moments[i], m * rank, metric)
+            a_rows.append(proj @ wk[rows].double())
             b_rows.append(b)
             if bk is not None:
-                biases.append(b.T @ bk[rows].double())
+                biases.append(proj @ bk[rows].double())
         state[f"{p}.k_proj.weight"] = torch.cat(a_rows).float()
         state[f"{p}.k_up_proj.weight"] = torch.cat(b_rows).float()
         if bk is not None:
@@ -82,7 +111,8 @@ def weight_pca_latent(src, rank: int, groups: int, *, method: str
     values do not matter; ``write_factored`` writes it."""
     cfg, sd = load_checkpoint(src)
     n_layers, _, _, _, hidden = model_dims(cfg)
-    state = init_latent_state(cfg, sd, rank, groups, [torch.eye(hidden)] * n_layers, False)
+    state = init_latent_state(cfg, sd, rank, groups, [torch.eye(hidden)] * n_layers, False,
+                              query_weighted=False)
     table, scaling = latent_rotary_table(cfg)
     fk = FactoredKeysConfig.build(cfg, rank, table, method=method, source_model=Path(src).name,
                                   rotary_attention_scaling=scaling, key_mode="latent",
