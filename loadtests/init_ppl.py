@@ -1,10 +1,14 @@
-"""Perplexity of training-free thin-key initialisations of the default model (quick check).
+"""Perplexity of training-free key initialisations of the default model (quick check).
 
-    python -m loadtests.init_ppl [--windows 8] [--ranks 32,16]
+    python -m loadtests.init_ppl [--windows 8] [--ranks 32,16] [--texts evaluation,news]
+    python -m loadtests.init_ppl --keys latent --methods pca,pca-attn,qpca,qpca-attn --ranks 32,16,8
 
-Evaluation: the first `windows` × 512 tokens of the held-out split of model_patches.text_sets,
-plain-torch reference (engine.torch_model), float32. Statistics for the data-aware init: 32×512
-calibration tokens. This is a small, fast probe, not the full quality benchmark.
+Thin keys: the thin_init methods. Latent keys (model_patches.conversion.latent_init, one joint
+latent per layer): ``pca`` / ``qpca`` = plain / query-weighted PCA, ``-attn`` = on
+attention-weighted input moments (``qpca-attn`` is what the converter does). Evaluation: the
+first `windows` × 512 tokens of each held-out text of model_patches.text_sets, plain-torch
+reference (engine.torch_model), float32. Statistics: 32×512 calibration tokens. This is a small,
+fast probe, not the full quality benchmark.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from engine.checkpoint import FactoredKeysConfig
 from engine.torch_model import TorchCausalLM
 from model_patches.conversion.activation_stats import input_moments
 from model_patches.conversion.convert import init_thin_state
+from model_patches.conversion.latent_init import init_latent_state, latent_rotary_table
 from model_patches.conversion.checkpoint_writer import read_source, write_factored, write_full_rank
 from model_patches.text_sets import token_stream
 
@@ -33,11 +38,17 @@ def ppl(path: Path, windows: torch.Tensor) -> float:
     return math.exp(nll / n)
 
 
+LATENT_METHODS = ("pca", "pca-attn", "qpca", "qpca-attn")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--ranks", default="32,16")
-    ap.add_argument("--methods", default="best-pairs,partial-rope,truncated")
+    ap.add_argument("--keys", choices=("thin", "latent"), default="thin")
+    ap.add_argument("--methods", default=None, help="thin: best-pairs,partial-rope,truncated; "
+                    f"latent: {','.join(LATENT_METHODS)} (default: all)")
+    ap.add_argument("--texts", default="evaluation", help="held-out texts, e.g. evaluation,news")
     ap.add_argument("--work", default="/tmp/factorkv-init-ppl")
     args = ap.parse_args()
     from transformers import AutoTokenizer
@@ -47,22 +58,39 @@ def main() -> None:
     out = Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(src)
-    ev = torch.tensor(token_stream(tok, "evaluation")[: args.windows * 512]).view(-1, 512)
+    texts = args.texts.split(",")
+    ev = {t: torch.tensor(token_stream(tok, t)[: args.windows * 512]).view(-1, 512) for t in texts}
+    methods = (args.methods or ",".join(LATENT_METHODS if args.keys == "latent"
+                                        else ("best-pairs", "partial-rope", "truncated"))).split(",")
     if not (out / "full").exists():
         write_full_rank(src, out / "full")
-    base = ppl(out / "full", ev)
-    print(f"| original | - | {base:.2f} | - |", flush=True)
-    moments = input_moments(src, 32 * 512, progress=False)
+    base = {t: ppl(out / "full", w) for t, w in ev.items()}
+    print(f"| method | rank | {' | '.join(f'{t} PPL | vs original' for t in texts)} |")
+    print(f"| original | - | {' | '.join(f'{base[t]:.3f} | -' for t in texts)} |", flush=True)
+    moments = {"": input_moments(src, 32 * 512, progress=False)}
+    if any(m.endswith("-attn") for m in methods):
+        moments["-attn"] = input_moments(src, 32 * 512, progress=False, attention_weighted=True)
     cfg, sd, fam = read_source(src)
     for r in (int(x) for x in args.ranks.split(",")):
-        for init in args.methods.split(","):
-            st, table, sc = init_thin_state(cfg, sd, fam, r, init, moments, progress=False)
+        for init in methods:
+            if args.keys == "latent":
+                if init not in LATENT_METHODS:
+                    raise SystemExit(f"--methods: {init!r} is not one of {LATENT_METHODS}")
+                st = init_latent_state(cfg, sd, r, 1, moments["-attn" if init.endswith("-attn")
+                                                             else ""], progress=False,
+                                       query_weighted=init.startswith("qpca"))
+                table, sc = latent_rotary_table(cfg)
+            else:
+                st, table, sc = init_thin_state(cfg, sd, fam, r, init, moments[""], progress=False)
             fk = FactoredKeysConfig.build(cfg, r, table, method=init, source_model=src.name,
-                                          rotary_attention_scaling=sc)
-            d = out / f"{init}-{r}"
+                                          rotary_attention_scaling=sc, key_mode=args.keys)
+            d = out / f"{args.keys}-{init}-{r}"
             write_factored(src, d, cfg=cfg, family=fam, state=st, fk=fk, force=True)
-            p = ppl(d, ev)
-            print(f"| {init} | {r} | {p:.2f} | {100 * (p / base - 1):+.0f}% |", flush=True)
+            cells = []
+            for t, w in ev.items():
+                p = ppl(d, w)
+                cells.append(f"{p:.3f} | {100 * (p / base[t] - 1):+.1f}%")
+            print(f"| {init} | {r} | {' | '.join(cells)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """Quick quality probe of default-model checkpoints (minutes, not the full benchmark).
 
     python -m loadtests.quick_quality original served-r16 /path/to/checkpoint [--windows 8]
-        [--passkey-n 10]
+        [--passkey-n 10] [--texts evaluation,news]
 
 Per checkpoint (``original``, ``served-rR`` = the build `factorkv serve --variant thin-rR`
-serves, or a directory): perplexity on the first ``windows`` × 512 held-out tokens
-(model_patches.text_sets evaluation split), passkey accuracy at 2048 tokens on
+serves, ``served-<variant>`` = that of ``--variant <variant>``, or a directory): perplexity on the first ``windows`` × 512 tokens of each held-out
+text (model_patches.text_sets: ``evaluation`` = Wikipedia, ``news``), passkey accuracy at 2048 tokens on
 ``passkey-n`` prompts, and greedy answers (24 tokens) to the 5 fixed chat prompts; plain
 torch (model_patches.evaluation.tasks), float32. One JSON line per checkpoint on stdout. The full,
 documented benchmark is `factorkv eval` (docs/results/quality.md).
@@ -27,10 +27,12 @@ def resolve(name: str) -> Path:
         return prepare_default_model(quiet=True)
     if name.startswith("served-r") and name[8:].isdigit():
         return prepare_variant(f"thin-r{name[8:]}", quiet=True)
+    if name.startswith("served-"):                   # served-latent-r16, served-thin-r16
+        return prepare_variant(name[len("served-"):], quiet=True)
     return Path(name)
 
 
-def probe(path: Path, tok, windows: int, passkey_n: int) -> dict:
+def probe(path: Path, tok, windows: int, passkey_n: int, texts=("evaluation",)) -> dict:
     from engine.torch_model import TorchCausalLM
     from model_patches.evaluation.tasks import (eval_windows, greedy_chat, passkey_accuracy,
                                                 passkey_prompts, perplexity)
@@ -38,8 +40,10 @@ def probe(path: Path, tok, windows: int, passkey_n: int) -> dict:
 
     t0 = time.time()
     model = TorchCausalLM.from_dir(path).eval()
-    w = eval_windows(token_stream(tok, "evaluation"), 512, windows * 512)
-    out = {"ppl": round(perplexity(model, w)["ppl"], 3)}
+    out = {}
+    for text in texts:
+        w = eval_windows(token_stream(tok, text), 512, windows * 512)
+        out["ppl" if text == "evaluation" else f"ppl_{text}"] = round(perplexity(model, w)["ppl"], 3)
     if passkey_n:
         out["passkey2k"] = passkey_accuracy(model, tok, passkey_prompts(tok, 2048, passkey_n))["accuracy"]
     out["chat"] = [a["answer"] for a in greedy_chat(model, tok, max_new=24)]
@@ -54,12 +58,14 @@ def main() -> None:
     ap.add_argument("checkpoints", nargs="+")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--passkey-n", type=int, default=10)
+    ap.add_argument("--texts", default="evaluation", help="held-out texts, e.g. evaluation,news")
     a = ap.parse_args()
     tok = None
     for name in a.checkpoints:
         path = resolve(name)
         tok = tok or AutoTokenizer.from_pretrained(str(resolve("original")))
-        print(json.dumps({"checkpoint": name, **probe(path, tok, a.windows, a.passkey_n)}),
+        print(json.dumps({"checkpoint": name, **probe(path, tok, a.windows, a.passkey_n,
+                                                               a.texts.split(","))}),
               flush=True)
 
 
