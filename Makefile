@@ -45,7 +45,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Benchmarks (not tests; minutes to tens of minutes on 2 cores). Reports go to docs/results/.
-#   bench-concurrency: baseline vs r=16 factored default model under one KV budget
+#   bench-concurrency: baseline vs an r=16 latent-key copy of the default model under one KV budget
 #   bench-decode:      decode tokens/s, thin and latent keys (C++ kernel, torch path, per-head latents) vs unmodified
 BENCH_CONCURRENCY_ARGS ?= --kv-cache-memory 1GiB --context 2048 --output-tokens 64 --users 4,8,16,24 --requests-per-user 2
 BENCH_DECODE_ARGS      ?= --rank 16 --keys thin,latent,latent-torch,latent-per-head --batches 1,8,32 --contexts 512,2048 --new-tokens 32 --kv-cache-memory 4GiB

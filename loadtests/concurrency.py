@@ -1,10 +1,12 @@
-"""Concurrency under a fixed KV budget: unmodified model vs factored (thin-key) model.
+"""Concurrency under a fixed KV budget: unmodified model vs factored-key model.
 
-    python -m loadtests.concurrency [--rank 16] [--kv-cache-memory 1GiB] [--context 2048]
-        [--output-tokens 64] [--users 4,8,16,24] [--requests-per-user 2] [--max-duration 600]
+    python -m loadtests.concurrency [--rank 16] [--keys latent|thin] [--kv-cache-memory 1GiB]
+        [--context 2048] [--output-tokens 64] [--users 4,8,16,24] [--requests-per-user 2]
+        [--max-duration 600]
 
 Starts a baseline server (the default model, or --model) and a factored server (its
-r-rank thin-key copy, or --factored) one after the other with the SAME
+r-rank copy with ``--keys`` latent keys (the served default's form) or thin keys, or
+--factored) one after the other with the SAME
 ``--kv-cache-memory`` and a ``--max-num-seqs`` far above the user counts, so the KV
 cache is the only limit. For each offered user count N, N simulated chat users each
 send ``--requests-per-user`` streaming requests back to back: a prompt of real text
@@ -235,8 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="unmodified HF model dir (default: the prepared default model)")
-    ap.add_argument("--factored", help="factored checkpoint (default: an r-rank thin copy of --model)")
+    ap.add_argument("--factored", help="factored checkpoint (default: an r-rank --keys copy of --model)")
     ap.add_argument("--rank", type=int, default=16, help="key rank of the default factored copy")
+    ap.add_argument("--keys", choices=("latent", "thin"), default="latent",
+                    help="key form of the default factored copy (latent: the served default's)")
     ap.add_argument("--kv-cache-memory", default="1GiB", help="KV budget of both servers")
     ap.add_argument("--context", type=int, default=2048, help="tokens per request (prompt + output)")
     ap.add_argument("--output-tokens", type=int, default=64)
@@ -275,15 +279,16 @@ def main(argv: list[str] | None = None) -> int:
         info = get_json(f"{args.url.rstrip('/')}/factorkv/info", args.api_key)
         runs = [sweep(args.url.rstrip("/"), "server", Path(info["model"]), args, args.api_key)]
     else:
-        from loadtests.decode_throughput import factored_copy
+        from loadtests.decode_throughput import factored_copy, latent_copy
         from loadtests.server_process import running_server
 
-        thin = Path(args.factored) if args.factored else factored_copy(base, args.rank)
+        copy = latent_copy if args.keys == "latent" else factored_copy
+        thin = Path(args.factored) if args.factored else copy(base, args.rank)
         runs = []
         common = ("--kv-cache-memory", args.kv_cache_memory, "--max-model-len", str(args.context),
                   "--max-num-seqs", str(args.max_num_seqs), "--disable-uvicorn-access-log",
                   *(("--block-size", str(args.block_size)) if args.block_size else ()))
-        thin_label = f"factored r={args.rank}" if not args.factored else "factored"
+        thin_label = f"factored {args.keys} r={args.rank}" if not args.factored else "factored"
         for config in args.config_list:
             model = thin if config.startswith("factored") else base
             label = {"baseline": "baseline", "factored": thin_label, "evict": f"evict {args.kv_evict}",
