@@ -9,6 +9,9 @@ with the least E[(k − k̂)ᵀ M (k − k̂)]:
     S = M^{1/2},   S W_K,g C_x W_K,gᵀ S = U Λ Uᵀ          (eigenvalues descending)
     A_g = U_sᵀ S W_K,g   (latent projection)     B_g = S^{-1} U_s   (key reconstruction)
 
+expressed in the latent basis where B_g has orthonormal columns (S^{-1} U_s = Q R:
+B_g = Q, A_g = R U_sᵀ S W_K,g; the same k̂, with the scales plain PCA gives calibration).
+
   query-weighted (the converter's default): M = blockdiag_h(C_q,h), C_q,h = Σ_{i in h} W_q,i C_x
       W_q,iᵀ the pre-RoPE query moment of KV head h's query heads, so the criterion is the
       expected squared score error E[(qᵀ(k − k̂))²] over independent queries and keys. RoPE's
@@ -57,7 +60,11 @@ def latent_group_factors(wk: torch.Tensor, cx: torch.Tensor, dims: int,
     ck = s @ wk @ cx.double() @ wk.T @ s
     _, vecs = torch.linalg.eigh((ck + ck.T) / 2)
     u = vecs.flip(-1)[:, :dims]                       # top `dims` principal directions
-    return u.T @ s, s_inv @ u
+    # Same k̂ in the latent basis where B has orthonormal columns (B = Q R: B' = Q, P' = R P),
+    # as plain PCA's: A and B keep the scales of W_K and of an orthonormal basis, which is
+    # what calibration's Adam steps (absolute step sizes) are tuned for.
+    q, r = torch.linalg.qr(s_inv @ u)
+    return r @ u.T @ s, q
 
 
 def init_latent_state(cfg: dict, sd: dict[str, torch.Tensor], rank: int, groups: int,
