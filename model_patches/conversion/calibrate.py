@@ -33,7 +33,8 @@ from engine.rotary import ThinRotaryEmbedding
 from engine.torch_model import TorchCausalLM
 from engine.weights import load_checkpoint
 from model_patches.conversion.calibration_data import calibration_windows
-from model_patches.conversion.distill import E2E_DEFAULTS, e2e_distill, e2e_thin_qk, fingerprint
+from model_patches.conversion.distill import (E2E_DEFAULTS, e2e_distill, e2e_thin_qk, fingerprint,
+                                              weights_digest)
 from model_patches.text_sets import token_stream
 
 # chat_mix: fraction of calibration windows that are chat-template conversations
@@ -117,7 +118,11 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
     pos = torch.arange(seq, device=dev)
 
     work = dst.parent / f".{dst.name}.calib"
-    fp = fingerprint(src, fk.to_block(), {**opts, **learn} if learn_freq else opts)
+    # the initial factors are part of the fingerprint: progress made from another init
+    # (e.g. an older converter) is not resumed
+    fp = fingerprint(src, fk.to_block(), {**opts, **(learn if learn_freq else {}), "init":
+                                          weights_digest(state, ("k_proj.weight",
+                                                                 "k_up_proj.weight"))})
     state = dict(state)
     freqs = [t.clone() for t in fk.inv_freq] if fk.inv_freq is not None else None
     start, x, losses = 0, None, []

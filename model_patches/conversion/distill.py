@@ -40,6 +40,14 @@ def fingerprint(src: Path, block: dict, settings: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def weights_digest(state: dict[str, torch.Tensor], suffixes: tuple[str, ...]) -> str:
+    """Short hash of the tensors of `state` whose names end with one of `suffixes` (first 4 KiB
+    of each): part of a progress fingerprint, so progress made from other initial weights is
+    not resumed."""
+    return hashlib.sha256(b"".join(state[k].detach().cpu().contiguous().numpy().tobytes()[:4096]
+                                   for k in sorted(state) if k.endswith(suffixes))).hexdigest()
+
+
 def cleanup(dst: str | Path) -> None:
     """Remove the resumable progress of a finished calibration."""
     dst = Path(dst)
@@ -89,10 +97,8 @@ def e2e_distill(src: str | Path, student_cfg: dict, overrides: dict[str, torch.T
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     work = dst.parent / f".{dst.name}.calib"
     work.mkdir(parents=True, exist_ok=True)
-    fp = fingerprint(src, fingerprint_of,
-                      {**opts, "init": hashlib.sha256(b"".join(
-                          overrides[k].numpy().tobytes()[:4096] for k in sorted(overrides)
-                          if k.endswith(tuple(f"{n}.weight" for n in trainable)))).hexdigest()})
+    fp = fingerprint(src, fingerprint_of, {**opts, "init": weights_digest(
+        overrides, tuple(f"{n}.weight" for n in trainable))})
     start, hist = 0, []
     if (work / "e2e.pt").exists():
         saved = torch.load(work / "e2e.pt", map_location=dev)
