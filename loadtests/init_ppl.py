@@ -5,7 +5,7 @@
 
 Thin keys: the thin_init methods. Latent keys (model_patches.conversion.latent_init, one joint
 latent per layer): ``pca`` / ``qpca`` = plain / query-weighted PCA, ``-attn`` = on
-attention-weighted input moments (``qpca-attn`` is what the converter does). Evaluation: the
+attention-weighted input moments (latent_init.LATENT_INITS; ``pca`` is the converter's default). Evaluation: the
 first `windows` × 512 tokens of each held-out text of model_patches.text_sets, plain-torch
 reference (engine.torch_model), float32. Statistics: 32×512 calibration tokens. This is a small,
 fast probe, not the full quality benchmark.
@@ -23,7 +23,7 @@ from engine.checkpoint import FactoredKeysConfig
 from engine.torch_model import TorchCausalLM
 from model_patches.conversion.activation_stats import input_moments
 from model_patches.conversion.convert import init_thin_state
-from model_patches.conversion.latent_init import init_latent_state, latent_rotary_table
+from model_patches.conversion.latent_init import LATENT_INITS, init_latent_state, latent_rotary_table
 from model_patches.conversion.checkpoint_writer import read_source, write_factored, write_full_rank
 from model_patches.text_sets import token_stream
 
@@ -38,16 +38,13 @@ def ppl(path: Path, windows: torch.Tensor) -> float:
     return math.exp(nll / n)
 
 
-LATENT_METHODS = ("pca", "pca-attn", "qpca", "qpca-attn")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--ranks", default="32,16")
     ap.add_argument("--keys", choices=("thin", "latent"), default="thin")
     ap.add_argument("--methods", default=None, help="thin: best-pairs,partial-rope,truncated; "
-                    f"latent: {','.join(LATENT_METHODS)} (default: all)")
+                    f"latent: {','.join(LATENT_INITS)} (default: all)")
     ap.add_argument("--texts", default="evaluation", help="held-out texts, e.g. evaluation,news")
     ap.add_argument("--work", default="/tmp/factorkv-init-ppl")
     args = ap.parse_args()
@@ -60,7 +57,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(src)
     texts = args.texts.split(",")
     ev = {t: torch.tensor(token_stream(tok, t)[: args.windows * 512]).view(-1, 512) for t in texts}
-    methods = (args.methods or ",".join(LATENT_METHODS if args.keys == "latent"
+    methods = (args.methods or ",".join(LATENT_INITS if args.keys == "latent"
                                         else ("best-pairs", "partial-rope", "truncated"))).split(",")
     if not (out / "full").exists():
         write_full_rank(src, out / "full")
@@ -74,8 +71,8 @@ def main() -> None:
     for r in (int(x) for x in args.ranks.split(",")):
         for init in methods:
             if args.keys == "latent":
-                if init not in LATENT_METHODS:
-                    raise SystemExit(f"--methods: {init!r} is not one of {LATENT_METHODS}")
+                if init not in LATENT_INITS:
+                    raise SystemExit(f"--methods: {init!r} is not one of {LATENT_INITS}")
                 st = init_latent_state(cfg, sd, r, 1, moments["-attn" if init.endswith("-attn")
                                                              else ""], progress=False,
                                        query_weighted=init.startswith("qpca"))

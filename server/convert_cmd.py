@@ -19,6 +19,7 @@ DESCRIPTION = ("Write a factored checkpoint of SRC at DST (docs/checkpoint-forma
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from model_patches.conversion.head_merge import MERGE_KEYS
+    from model_patches.conversion.latent_init import LATENT_INITS
     from model_patches.conversion.thin_init import METHODS
 
     p.add_argument("src", help="HF model directory (safetensors)")
@@ -47,8 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--keys latent: G independent latents per layer, each shared by "
                         "KV-heads/G heads (default 1: one joint latent; with tensor "
                         "parallelism each group must sit on one rank)")
-    p.add_argument("--init", choices=METHODS, default=None,
-                   help="thin-key initialisation (default: partial-rope; see docs/methods.md)")
+    p.add_argument("--init", choices=METHODS + LATENT_INITS, default=None,
+                   help="initialisation: thin keys " + "|".join(METHODS) + " (default "
+                        "partial-rope), latent keys " + "|".join(LATENT_INITS) + " (default pca); "
+                        "see docs/methods.md")
     p.add_argument("--calibrate", action="store_true", help="QK-only calibration against SRC")
     p.add_argument("--stat-tokens", type=int, default=None, metavar="N",
                    help="calibration tokens for the initialisation statistics")

@@ -65,12 +65,15 @@ def test_full_rank_conversion_reproduces_llama(sources, tmp_path, init):
     assert diff < 1e-4
 
 
-@pytest.mark.parametrize("groups", [1, 2])
-def test_full_rank_latent_conversion_reproduces_llama(sources, tmp_path, groups):
-    """Latent keys at r = D: B A = U Uᵀ W_K with U orthogonal, i.e. the original keys."""
-    s = convert(sources["llama"], tmp_path / "fr", key_rank=16, latent_groups=groups, **SMALL)
+@pytest.mark.parametrize("groups,init", [(1, None), (2, None), (1, "qpca-attn")])
+def test_full_rank_latent_conversion_reproduces_llama(sources, tmp_path, groups, init):
+    """Latent keys at r = D: B A = U Uᵀ W_K with U orthogonal (query-weighted: B P = I), i.e.
+    the original keys."""
+    s = convert(sources["llama"], tmp_path / "fr", key_rank=16, latent_groups=groups, init=init,
+                **SMALL)
     cfg = json.loads((s.dst / "config.json").read_text())["factored_keys"]
-    assert (cfg["key_mode"], cfg["latent_groups"], cfg["method"]) == ("latent", groups, "latent-qpca")
+    assert (cfg["key_mode"], cfg["latent_groups"], cfg["method"]) == \
+        ("latent", groups, f"latent-{init or 'pca'}")
     diff = (TorchCausalLM.from_dir(s.dst)(IDS) - _logits(sources["llama"], IDS)).abs().max()
     assert diff < 1e-4
 
@@ -200,7 +203,7 @@ def test_latent_calibration_trains_q_a_b_and_reduces_layer_error(sources, tmp_pa
     s = convert(sources["llama"], tmp_path / "cal", key_rank=4, calibrate=True, calibration=cal,
                 **SMALL)
     block = json.loads((s.dst / "config.json").read_text())["factored_keys"]
-    assert block["method"] == "latent-qpca+calibrated" and block["key_mode"] == "latent"
+    assert block["method"] == "latent-pca+calibrated" and block["key_mode"] == "latent"
     assert all(x["relative_mse_after"] < x["relative_mse_before"]
                for x in block["calibration"]["layers"])
     a, b = TorchCausalLM.from_dir(init).w, TorchCausalLM.from_dir(s.dst).w
@@ -216,7 +219,8 @@ def test_latent_calibration_trains_q_a_b_and_reduces_layer_error(sources, tmp_pa
     (["--keys", "thin", "--key-rank", "5"], "odd"),
     (["--key-cache-ratio", "0"], "key-cache-ratio"),
     (["--key-rank", "4", "--latent-groups", "3"], "must divide the 2 KV heads"),
-    (["--key-rank", "4", "--init", "best-pairs"], "latent keys are initialised by PCA"),
+    (["--key-rank", "4", "--init", "best-pairs"], "is not a latent-key initialisation"),
+    (["--keys", "thin", "--key-rank", "4", "--init", "qpca"], "is not one of truncated"),
     (["--keys", "thin", "--key-rank", "4", "--latent-groups", "2"], "applies to --keys latent"),
 ])
 def test_bad_arguments_one_line_exit_2(sources, tmp_path, args, needle):

@@ -8,9 +8,9 @@
 1. Calibration statistics (model_patches.conversion.activation_stats): the source model runs
    on calibration text (the gensim Wikipedia calibration split, disjoint from evaluation)
    and the second moment C_x = E[x xᵀ] of every layer's attention input is accumulated
-   (for latent keys weighted by the attention each token receives).
+   (latent --init *-attn: weighted by the attention each token receives).
 2. Initialisation, layer by layer. keys="latent" (the default for the Llama family):
-   model_patches.conversion.latent_init (query-weighted PCA of the pre-RoPE keys) gives each layer's latent
+   model_patches.conversion.latent_init (PCA of the pre-RoPE keys, --init pca|qpca|pca-attn|qpca-attn) gives each layer's latent
    projection A (k_proj) and reconstruction B (k_up_proj); queries, values and RoPE stay the
    source's. keys="thin" (the default for GPT-2, where it is exact algebra):
    model_patches.conversion.thin_init (data-aware whitened SVD, rotary pair choice) gives each
@@ -46,7 +46,7 @@ from model_patches.conversion.activation_stats import DEFAULT_STAT_TOKENS, input
 from model_patches.conversion.calibrate import calibrate_thin_qk
 from model_patches.conversion.distill import cleanup
 from model_patches.conversion.checkpoint_writer import ConversionError, read_source, write_factored
-from model_patches.conversion.latent_init import init_latent_state, latent_rotary_table
+from model_patches.conversion.latent_init import LATENT_INITS, init_latent_state, latent_rotary_table
 from model_patches.conversion.thin_init import METHODS, head_moments, init_head
 
 DEFAULT_INIT = "partial-rope"
@@ -77,7 +77,8 @@ class ConvertSummary:
 
 def resolve_keys(family: str, keys: str | None, init: str | None, latent_groups: int | None,
                  cfg: dict) -> tuple[str, str, int]:
-    """(keys, thin init method, latent groups) with the defaults filled in and checked:
+    """(keys, init method (thin_init.METHODS or latent_init.LATENT_INITS), latent groups) with
+    the defaults filled in and checked:
     latent keys for the Llama family, thin keys (exact without RoPE) for GPT-2."""
     keys = keys or ("thin" if family == "gpt2" else "latent")
     if keys not in KEY_FORMS:
@@ -86,14 +87,15 @@ def resolve_keys(family: str, keys: str | None, init: str | None, latent_groups:
         if family == "gpt2":
             raise ConversionError("--keys latent needs a Llama-family source (GPT-2 has no RoPE: "
                                   "thin keys are already exact there; use --keys thin)")
-        if init is not None:
-            raise ConversionError("--init chooses the thin-key initialisation; latent keys are "
-                                  "initialised by query-weighted PCA (drop --init or pass --keys thin)")
+        init = init or LATENT_INITS[0]
+        if init not in LATENT_INITS:
+            raise ConversionError(f"--init {init!r} is not a latent-key initialisation (choose "
+                                  f"from {', '.join(LATENT_INITS)}, or pass --keys thin)")
         h_kv = model_dims(cfg)[2]
         groups = 1 if latent_groups is None else latent_groups
         if groups < 1 or h_kv % groups:
             raise ConversionError(f"--latent-groups {groups} must divide the {h_kv} KV heads")
-        return keys, DEFAULT_INIT, groups
+        return keys, init, groups
     if latent_groups is not None:
         raise ConversionError("--latent-groups applies to --keys latent")
     init = init or DEFAULT_INIT
@@ -184,10 +186,10 @@ def convert(src: str | Path, dst: str | Path, *, key_rank: int | None = None,
     `kv_heads`, the merged GQA checkpoint (returns a head_merge.MergeSummary). recover (with
     kv_heads): settings of the merged model's recovery (calibrate.recover_merged), {} = defaults.
     keys: "latent" or "thin" (None: latent for the Llama family, thin for GPT-2); init: the
-    thin-key initialisation (thin_init.METHODS); latent_groups: latents per layer (default 1)."""
+    initialisation (thin_init.METHODS, latent_init.LATENT_INITS); latent_groups: latents per layer (default 1)."""
     src, dst = Path(src), Path(dst)
-    if init is not None and init not in METHODS:
-        raise ConversionError(f"--init {init!r} is not one of {', '.join(METHODS)}")
+    if init is not None and init not in METHODS + LATENT_INITS:
+        raise ConversionError(f"--init {init!r} is not one of {', '.join(METHODS + LATENT_INITS)}")
     if dst.exists() and not force:
         raise ConversionError(f"{dst} already exists (pass --force to replace it)")
     factor = key_rank is not None or key_cache_ratio is not None
@@ -206,11 +208,12 @@ def convert(src: str | Path, dst: str | Path, *, key_rank: int | None = None,
     keys, init, groups = resolve_keys(family, keys, init, latent_groups, cfg)
     rank = resolve_rank(cfg, key_rank, key_cache_ratio, family, pairs=keys == "thin")
     moments = input_moments(src, stat_tokens, progress=progress,
-                            attention_weighted=keys == "latent")
+                            attention_weighted=keys == "latent" and init.endswith("-attn"))
     if keys == "latent":
-        state = init_latent_state(cfg, sd, rank, groups, moments, progress)
+        state = init_latent_state(cfg, sd, rank, groups, moments, progress,
+                                  query_weighted=init.startswith("qpca"))
         table, scaling = latent_rotary_table(cfg)
-        method = "latent-qpca"
+        method = f"latent-{init}"
     else:
         state, table, scaling = init_thin_state(cfg, sd, family, rank, init, moments, progress,
                                                src.name)

@@ -12,12 +12,17 @@ with the least E[(k − k̂)ᵀ M (k − k̂)]:
 expressed in the latent basis where B_g has orthonormal columns (S^{-1} U_s = Q R:
 B_g = Q, A_g = R U_sᵀ S W_K,g; the same k̂, with the scales plain PCA gives calibration).
 
-  query-weighted (the converter's default): M = blockdiag_h(C_q,h), C_q,h = Σ_{i in h} W_q,i C_x
+  query-weighted (``--init qpca``): M = blockdiag_h(C_q,h), C_q,h = Σ_{i in h} W_q,i C_x
       W_q,iᵀ the pre-RoPE query moment of KV head h's query heads, so the criterion is the
       expected squared score error E[(qᵀ(k − k̂))²] over independent queries and keys. RoPE's
       rotation between the query's and the key's positions is left out (Δ = 0): averaging
       the metric over Δ uniform in [0, 2048) was measured worse (docs/methods.md);
-  PCA: M = I, k̂ = U_s U_sᵀ k, the least E‖k − k̂‖² (data-free benchmark copies).
+  PCA (``--init pca``, the default): M = I, k̂ = U_s U_sᵀ k, the least E‖k − k̂‖².
+
+``-attn`` (``pca-attn``, ``qpca-attn``): C_x weighted per token by sqrt(attention it receives).
+Measured on the default model (docs/results/latent-ladder.md): ``qpca-attn`` starts much closer
+to the source (R = 16: +16 % vs +26 % perplexity) but after the shipped calibration recipe it
+retrieved passkeys worse (26 % vs 54 % at 2k tokens), so plain PCA stays the default.
 
 At s = m·D both are exact (A_g = U ᵀ S W_K,g, B_g A_g = W_K,g). Keys are then rotated with the
 source's full-width RoPE at their own positions, so the only approximation is k ≈ k̂. A source
@@ -39,6 +44,10 @@ from engine.checkpoint import FactoredKeysConfig, model_dims
 from engine.rotary import source_inv_freq
 from engine.weights import load_checkpoint
 from model_patches.conversion.thin_init import head_moments
+
+#: Latent-key initialisations (``--init``): plain / query-weighted PCA, optionally on
+#: attention-weighted input moments (module docstring). The first is the default.
+LATENT_INITS = ("pca", "qpca", "pca-attn", "qpca-attn")
 
 
 def psd_sqrt(m: torch.Tensor, floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
