@@ -23,7 +23,8 @@ from engine.checkpoint import FactoredKeysConfig
 from engine.torch_model import TorchCausalLM
 from model_patches.conversion.activation_stats import input_moments
 from model_patches.conversion.convert import init_thin_state
-from model_patches.conversion.latent_init import LATENT_INITS, init_latent_state, latent_rotary_table
+from model_patches.conversion.latent_init import (LATENT_INITS, init_latent_state, init_options,
+                                                   latent_rotary_table)
 from model_patches.conversion.checkpoint_writer import read_source, write_factored, write_full_rank
 from model_patches.text_sets import token_stream
 
@@ -64,21 +65,21 @@ def main() -> None:
     base = {t: ppl(out / "full", w) for t, w in ev.items()}
     print(f"| method | rank | {' | '.join(f'{t} PPL | vs original' for t in texts)} |")
     print(f"| original | - | {' | '.join(f'{base[t]:.3f} | -' for t in texts)} |", flush=True)
-    moments = {"": input_moments(src, 32 * 512, progress=False)}
-    if any(m.endswith("-attn") for m in methods):
-        moments["-attn"] = input_moments(src, 32 * 512, progress=False, attention_weighted=True)
+    weightings = {args.keys == "latent" and init_options(m)[0] for m in methods}
+    moments = {w: input_moments(src, 32 * 512, progress=False, attention_weighted=w)
+               for w in weightings | {False}}
     cfg, sd, fam = read_source(src)
     for r in (int(x) for x in args.ranks.split(",")):
         for init in methods:
             if args.keys == "latent":
                 if init not in LATENT_INITS:
                     raise SystemExit(f"--methods: {init!r} is not one of {LATENT_INITS}")
-                st = init_latent_state(cfg, sd, r, 1, moments["-attn" if init.endswith("-attn")
-                                                             else ""], progress=False,
-                                       query_weighted=init.startswith("qpca"))
+                attention_weighted, query_weighted = init_options(init)
+                st = init_latent_state(cfg, sd, r, 1, moments[attention_weighted], progress=False,
+                                       query_weighted=query_weighted)
                 table, sc = latent_rotary_table(cfg)
             else:
-                st, table, sc = init_thin_state(cfg, sd, fam, r, init, moments[""], progress=False)
+                st, table, sc = init_thin_state(cfg, sd, fam, r, init, moments[False], progress=False)
             fk = FactoredKeysConfig.build(cfg, r, table, method=init, source_model=src.name,
                                           rotary_attention_scaling=sc, key_mode=args.keys)
             d = out / f"{args.keys}-{init}-{r}"

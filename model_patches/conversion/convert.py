@@ -46,7 +46,8 @@ from model_patches.conversion.activation_stats import DEFAULT_STAT_TOKENS, input
 from model_patches.conversion.calibrate import calibrate_thin_qk
 from model_patches.conversion.distill import cleanup
 from model_patches.conversion.checkpoint_writer import ConversionError, read_source, write_factored
-from model_patches.conversion.latent_init import LATENT_INITS, init_latent_state, latent_rotary_table
+from model_patches.conversion.latent_init import (LATENT_INITS, init_latent_state, init_options,
+                                                   latent_rotary_table)
 from model_patches.conversion.thin_init import METHODS, head_moments, init_head
 
 DEFAULT_INIT = "partial-rope"
@@ -207,11 +208,12 @@ def convert(src: str | Path, dst: str | Path, *, key_rank: int | None = None,
     cfg, sd, family = read_source(src)
     keys, init, groups = resolve_keys(family, keys, init, latent_groups, cfg)
     rank = resolve_rank(cfg, key_rank, key_cache_ratio, family, pairs=keys == "thin")
+    attention_weighted, query_weighted = init_options(init) if keys == "latent" else (False, False)
     moments = input_moments(src, stat_tokens, progress=progress,
-                            attention_weighted=keys == "latent" and init.endswith("-attn"))
+                            attention_weighted=attention_weighted)
     if keys == "latent":
         state = init_latent_state(cfg, sd, rank, groups, moments, progress,
-                                  query_weighted=init.startswith("qpca"))
+                                  query_weighted=query_weighted)
         table, scaling = latent_rotary_table(cfg)
         method = f"latent-{init}"
     else:

@@ -50,6 +50,11 @@ from model_patches.conversion.thin_init import head_moments
 LATENT_INITS = ("pca", "qpca", "pca-attn", "qpca-attn")
 
 
+def init_options(init: str) -> tuple[bool, bool]:
+    """(attention-weighted input moments, query-weighted metric) of a LATENT_INITS name."""
+    return init.endswith("-attn"), init.startswith("qpca")
+
+
 def psd_sqrt(m: torch.Tensor, floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """(M^{1/2}, M^{-1/2}) of a symmetric PSD matrix, eigenvalues floored at floor·max."""
     vals, vecs = torch.linalg.eigh((m + m.T) / 2)
