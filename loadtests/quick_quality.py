@@ -5,7 +5,7 @@
 
 Per checkpoint (``original``, ``served-rR`` = the build `factorkv serve --variant thin-rR`
 serves, ``served-<variant>`` = that of ``--variant <variant>``, or a directory): perplexity on the first ``windows`` × 512 tokens of each held-out
-text (model_patches.text_sets: ``evaluation`` = Wikipedia, ``news``), passkey accuracy at 2048 tokens on
+text (model_patches.text_sets: ``evaluation`` = Wikipedia, ``news``), passkey accuracy at 2048 tokens (``--passkey-lengths``) on
 ``passkey-n`` prompts, and greedy answers (24 tokens) to the 5 fixed chat prompts; plain
 torch (model_patches.evaluation.tasks), float32. One JSON line per checkpoint on stdout. The full,
 documented benchmark is `factorkv eval` (docs/results/quality.md).
@@ -32,7 +32,8 @@ def resolve(name: str) -> Path:
     return Path(name)
 
 
-def probe(path: Path, tok, windows: int, passkey_n: int, texts=("evaluation",)) -> dict:
+def probe(path: Path, tok, windows: int, passkey_n: int, texts=("evaluation",),
+          passkey_lengths=(2048,), chat: bool = True) -> dict:
     from engine.torch_model import TorchCausalLM
     from model_patches.evaluation.tasks import (eval_windows, greedy_chat, passkey_accuracy,
                                                 passkey_prompts, perplexity)
@@ -44,9 +45,11 @@ def probe(path: Path, tok, windows: int, passkey_n: int, texts=("evaluation",)) 
     for text in texts:
         w = eval_windows(token_stream(tok, text), 512, windows * 512)
         out["ppl" if text == "evaluation" else f"ppl_{text}"] = round(perplexity(model, w)["ppl"], 3)
-    if passkey_n:
-        out["passkey2k"] = passkey_accuracy(model, tok, passkey_prompts(tok, 2048, passkey_n))["accuracy"]
-    out["chat"] = [a["answer"] for a in greedy_chat(model, tok, max_new=24)]
+    for length in passkey_lengths if passkey_n else ():
+        out[f"passkey{length // 1024}k"] = passkey_accuracy(
+            model, tok, passkey_prompts(tok, length, passkey_n))["accuracy"]
+    if chat:
+        out["chat"] = [a["answer"] for a in greedy_chat(model, tok, max_new=24)]
     out["seconds"] = round(time.time() - t0, 1)
     return out
 
@@ -58,14 +61,19 @@ def main() -> None:
     ap.add_argument("checkpoints", nargs="+")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--passkey-n", type=int, default=10)
-    ap.add_argument("--texts", default="evaluation", help="held-out texts, e.g. evaluation,news")
+    ap.add_argument("--texts", default="evaluation", help="held-out texts, e.g. evaluation,news "
+                    "('' for none)")
+    ap.add_argument("--passkey-lengths", default="2048", help="prompt lengths in tokens, e.g. 2048,4096")
+    ap.add_argument("--no-chat", action="store_true", help="skip the chat answers")
     a = ap.parse_args()
     tok = None
     for name in a.checkpoints:
         path = resolve(name)
         tok = tok or AutoTokenizer.from_pretrained(str(resolve("original")))
+        lengths = tuple(int(n) for n in a.passkey_lengths.split(","))
         print(json.dumps({"checkpoint": name, **probe(path, tok, a.windows, a.passkey_n,
-                                                               a.texts.split(","))}),
+                                                      [t for t in a.texts.split(",") if t],
+                                                      lengths, not a.no_chat)}),
               flush=True)
 
 
