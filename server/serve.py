@@ -90,7 +90,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--variant", default=None, metavar="NAME",
         help="without --model: which build of the embedded SmolLM2-135M-Instruct to serve: "
              "latent-r16 (default: calibrated RoPE-exact latent keys, 75%% key-cache cut, built "
-             "from the artifact shipped in model_patches/artifacts), thin-r16 (thin keys, same "
+             "from the artifact shipped in model_patches/artifacts), latent-r32 (latent keys, 50%% "
+             "cut, closer to the original), thin-r16 (thin keys, same "
              "cut, cheaper decode, lower quality), thin-r32 (thin keys, 50%% cut), or original "
              "(the unmodified model). See docs/methods.md.")
     add_guard_arguments(fkv)  # --max-queued-requests, --max-request-body-bytes, --protect-metrics
