@@ -46,12 +46,20 @@ def probe(path: Path, tok, windows: int, passkey_n: int, texts=("evaluation",),
         w = eval_windows(token_stream(tok, text), 512, windows * 512)
         out["ppl" if text == "evaluation" else f"ppl_{text}"] = round(perplexity(model, w)["ppl"], 3)
     for length in passkey_lengths if passkey_n else ():
-        out[f"passkey{length // 1024}k"] = passkey_accuracy(
+        name = f"passkey{length // 1024}k" if length % 1024 == 0 else f"passkey{length}"
+        out[name] = passkey_accuracy(
             model, tok, passkey_prompts(tok, length, passkey_n))["accuracy"]
     if chat:
         out["chat"] = [a["answer"] for a in greedy_chat(model, tok, max_new=24)]
     out["seconds"] = round(time.time() - t0, 1)
     return out
+
+
+def _lengths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(n) for n in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts, got {text!r}")
 
 
 def main() -> None:
@@ -63,17 +71,17 @@ def main() -> None:
     ap.add_argument("--passkey-n", type=int, default=10)
     ap.add_argument("--texts", default="evaluation", help="held-out texts, e.g. evaluation,news "
                     "('' for none)")
-    ap.add_argument("--passkey-lengths", default="2048", help="prompt lengths in tokens, e.g. 2048,4096")
+    ap.add_argument("--passkey-lengths", default="2048", type=_lengths,
+                    help="prompt lengths in tokens, e.g. 2048,4096")
     ap.add_argument("--no-chat", action="store_true", help="skip the chat answers")
     a = ap.parse_args()
     tok = None
     for name in a.checkpoints:
         path = resolve(name)
         tok = tok or AutoTokenizer.from_pretrained(str(resolve("original")))
-        lengths = tuple(int(n) for n in a.passkey_lengths.split(","))
         print(json.dumps({"checkpoint": name, **probe(path, tok, a.windows, a.passkey_n,
                                                       [t for t in a.texts.split(",") if t],
-                                                      lengths, not a.no_chat)}),
+                                                      a.passkey_lengths, not a.no_chat)}),
               flush=True)
 
 
