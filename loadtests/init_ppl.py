@@ -60,20 +60,21 @@ def main() -> None:
     ev = {t: torch.tensor(token_stream(tok, t)[: args.windows * 512]).view(-1, 512) for t in texts}
     methods = (args.methods or ",".join(LATENT_INITS if args.keys == "latent"
                                         else ("best-pairs", "partial-rope", "truncated"))).split(",")
+    if args.keys == "latent" and set(methods) - set(LATENT_INITS):
+        raise SystemExit(f"--methods: {sorted(set(methods) - set(LATENT_INITS))} not in {LATENT_INITS}")
     if not (out / "full").exists():
         write_full_rank(src, out / "full")
     base = {t: ppl(out / "full", w) for t, w in ev.items()}
     print(f"| method | rank | {' | '.join(f'{t} PPL | vs original' for t in texts)} |")
     print(f"| original | - | {' | '.join(f'{base[t]:.3f} | -' for t in texts)} |", flush=True)
-    weightings = {args.keys == "latent" and init_options(m)[0] for m in methods}
+    # only the input moments some method uses (attention-weighted ones cost a second pass)
+    weightings = {init_options(m)[0] for m in methods} if args.keys == "latent" else {False}
     moments = {w: input_moments(src, 32 * 512, progress=False, attention_weighted=w)
-               for w in weightings | {False}}
+               for w in weightings}
     cfg, sd, fam = read_source(src)
     for r in (int(x) for x in args.ranks.split(",")):
         for init in methods:
             if args.keys == "latent":
-                if init not in LATENT_INITS:
-                    raise SystemExit(f"--methods: {init!r} is not one of {LATENT_INITS}")
                 attention_weighted, query_weighted = init_options(init)
                 st = init_latent_state(cfg, sd, r, 1, moments[attention_weighted], progress=False,
                                        query_weighted=query_weighted)
