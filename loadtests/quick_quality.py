@@ -1,14 +1,18 @@
 """Quick quality probe of default-model checkpoints (minutes, not the full benchmark).
 
     python -m loadtests.quick_quality original served-r16 /path/to/checkpoint [--windows 8]
-        [--passkey-n 10] [--texts evaluation,news]
+        [--passkey-n 10] [--texts evaluation,news] [--passkey-scoring greedy,forced]
 
 Per checkpoint (``original``, ``served-rR`` = the build `factorkv serve --variant thin-rR`
-serves, ``served-<variant>`` = that of ``--variant <variant>``, or a directory): perplexity on the first ``windows`` × 512 tokens of each held-out
-text (model_patches.text_sets: ``evaluation`` = Wikipedia, ``news``), passkey accuracy at 2048 tokens (``--passkey-lengths``) on
-``passkey-n`` prompts, and greedy answers (24 tokens) to the 5 fixed chat prompts; plain
-torch (model_patches.evaluation.tasks), float32. One JSON line per checkpoint on stdout. The full,
-documented benchmark is `factorkv eval` (docs/results/quality.md).
+serves, ``served-<variant>`` = that of ``--variant <variant>``, or a directory): perplexity on
+the first ``windows`` × 512 tokens of each held-out text (model_patches.text_sets:
+``evaluation`` = Wikipedia, ``news``); passkey at 2048 tokens (``--passkey-lengths``) on
+``passkey-n`` prompts, scored greedy (``passkeyNk``: the generated answer is the key) and/or
+teacher-forced (``passkeyNk_forced``: every digit of the key is the likeliest digit;
+``passkeyNk_key_nll``: the key's mean NLL in nats); greedy answers (24 tokens) to the 5 fixed
+chat prompts. Plain torch (model_patches.evaluation.tasks), float32. One JSON line per
+checkpoint on stdout. The full, documented benchmark is `factorkv eval`
+(docs/results/quality.md).
 """
 
 from __future__ import annotations
@@ -33,10 +37,10 @@ def resolve(name: str) -> Path:
 
 
 def probe(path: Path, tok, windows: int, passkey_n: int, texts=("evaluation",),
-          passkey_lengths=(2048,), chat: bool = True) -> dict:
+          passkey_lengths=(2048,), chat: bool = True, scoring=("greedy",)) -> dict:
     from engine.torch_model import TorchCausalLM
     from model_patches.evaluation.tasks import (eval_windows, greedy_chat, passkey_accuracy,
-                                                passkey_prompts, perplexity)
+                                                passkey_forced, passkey_prompts, perplexity)
     from model_patches.text_sets import token_stream
 
     t0 = time.time()
@@ -47,8 +51,13 @@ def probe(path: Path, tok, windows: int, passkey_n: int, texts=("evaluation",),
         out["ppl" if text == "evaluation" else f"ppl_{text}"] = round(perplexity(model, w)["ppl"], 3)
     for length in passkey_lengths if passkey_n else ():
         name = f"passkey{length // 1024}k" if length % 1024 == 0 else f"passkey{length}"
-        out[name] = passkey_accuracy(
-            model, tok, passkey_prompts(tok, length, passkey_n))["accuracy"]
+        prompts = passkey_prompts(tok, length, passkey_n)
+        if "greedy" in scoring:
+            out[name] = passkey_accuracy(model, tok, prompts)["accuracy"]
+        if "forced" in scoring:
+            forced = passkey_forced(model, tok, prompts)
+            out[f"{name}_forced"] = forced["retrieved"]
+            out[f"{name}_key_nll"] = round(forced["key_nll"], 3)
     if chat:
         out["chat"] = [a["answer"] for a in greedy_chat(model, tok, max_new=24)]
     out["seconds"] = round(time.time() - t0, 1)
@@ -60,6 +69,13 @@ def _lengths(text: str) -> tuple[int, ...]:
         return tuple(int(n) for n in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated token counts, got {text!r}")
+
+
+def _scorings(text: str) -> tuple[str, ...]:
+    names = tuple(text.split(","))
+    if not names or not set(names) <= {"greedy", "forced"}:
+        raise argparse.ArgumentTypeError(f"expected greedy, forced or greedy,forced, got {text!r}")
+    return names
 
 
 def main() -> None:
@@ -74,6 +90,9 @@ def main() -> None:
     ap.add_argument("--passkey-lengths", default="2048", type=_lengths,
                     help="prompt lengths in tokens, e.g. 2048,4096")
     ap.add_argument("--no-chat", action="store_true", help="skip the chat answers")
+    ap.add_argument("--passkey-scoring", default="greedy", type=_scorings,
+                    help="greedy (answer generated), forced (key teacher-forced: digit "
+                         "retrieval and key NLL), or greedy,forced")
     a = ap.parse_args()
     tok = None
     for name in a.checkpoints:
@@ -81,7 +100,8 @@ def main() -> None:
         tok = tok or AutoTokenizer.from_pretrained(str(resolve("original")))
         print(json.dumps({"checkpoint": name, **probe(path, tok, a.windows, a.passkey_n,
                                                       [t for t in a.texts.split(",") if t],
-                                                      a.passkey_lengths, not a.no_chat)}),
+                                                      a.passkey_lengths, not a.no_chat,
+                                                      a.passkey_scoring)}),
               flush=True)
 
 

@@ -123,6 +123,48 @@ def test_passkey_accuracy_with_shared_prefix_equals_plain_greedy(tiny, tok):
         assert row["output"] == tok.decode(ids[len(p.ids):], skip_special_tokens=True)
 
 
+def test_passkey_forced_equals_a_plain_forward(tiny, tok):
+    """Teacher-forced key scoring through the cached prefix equals a forward of prompt + key;
+    `retrieved` is the digit-restricted argmax at every digit, so a model whose digit logits
+    favour the key's digits retrieves it."""
+    src, _ = tiny
+    m = TorchCausalLM.from_dir(src)
+    prompts = E.passkey_prompts(tok, 160, 3, seed=1)
+    for p in prompts:
+        p.ids = [i % 256 for i in p.ids]
+    out = E.passkey_forced(m, tok, prompts)
+    digits = [tok(str(d), add_special_tokens=False)["input_ids"][0] for d in range(10)]
+    for p, row in zip(prompts, out["rows"]):
+        key = tok(" " + p.answer, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            lp = m(torch.tensor([p.ids + key]))[0, len(p.ids) - 1:-1].log_softmax(-1)
+        pos = [i for i, t in enumerate(key) if t in digits]
+        assert len(pos) == 5
+        nll = -sum(lp[i, key[i]].item() for i in pos)
+        assert abs(row["key_nll"] - nll) < 1e-3
+        assert row["retrieved"] == all(digits[int(lp[i, digits].argmax())] == key[i] for i in pos)
+    assert out["retrieved"] == sum(r["retrieved"] for r in out["rows"]) / 3
+    # a model that always prefers the key's digits: boost their lm_head rows' bias via a wrapper
+    boosted = _DigitOracle(m, prompts[0].answer, digits)
+    assert E.passkey_forced(boosted, tok, prompts[:1])["retrieved"] == 1.0
+
+
+class _DigitOracle:
+    """TorchCausalLM stand-in whose logits favour, at the k-th digit scored, the key's k-th digit."""
+
+    def __init__(self, model, answer, digits):
+        self.model, self.want = model, [digits[int(c)] for c in answer]
+
+    def hidden_states(self, x, cache=None):
+        return self.model.hidden_states(x, cache)
+
+    def logits(self, hs):
+        lg = self.model.logits(hs).clone()
+        for k, t in enumerate(self.want[: len(lg)]):
+            lg[k, t] += 1e4
+        return lg
+
+
 def test_report_lists_every_variant(tmp_path, tiny):
     from model_patches.evaluation.quality.report import write_report
     src, thin = tiny

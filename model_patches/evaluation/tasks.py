@@ -8,6 +8,8 @@ checkpoints; batched, KV-cached):
   "The pass key is NNNNN. Remember it." at a random depth and a question at the end; greedy;
   exact match of the 5 digits. Prompts are built from token pieces (deterministic for a
   seed), and they share the filler prefix, so the filler's KV cache is computed once.
+  :func:`passkey_forced` scores the key teacher-forced (its digits' NLL; retrieval digit by
+  digit), apart from the greedy task's other question: whether to answer with a number at all.
 * :func:`greedy_chat`: greedy answers to chat prompts (the model's chat template).
 """
 
@@ -168,6 +170,43 @@ def passkey_accuracy(model: TorchCausalLM, tok, prompts: list[PasskeyPrompt], ma
         if progress is not None:
             progress.update(1)
     return {"accuracy": sum(r["correct"] for r in rows) / len(rows), "n": len(rows),
+            "length": max(len(p.ids) for p in prompts), "rows": rows}
+
+
+@torch.no_grad()
+def passkey_forced(model: TorchCausalLM, tok, prompts: list[PasskeyPrompt], progress=None) -> dict:
+    """Teacher-forced retrieval: each prompt followed by " <key>", one forward. Per prompt the
+    NLL (nats, summed) of the key's digit tokens, and ``retrieved``: at every digit position the
+    most likely of the ten digit tokens is the key's. Greedy passkey scores two things at once
+    (answering with a number at all, and which number); this scores only the second."""
+    digits = [_encode(tok, str(d)) for d in range(10)]
+    if any(len(d) != 1 for d in digits):
+        raise EvalError("passkey_forced needs a tokenizer with one token per digit")
+    digit_ids = torch.tensor([d[0] for d in digits])
+    longest = max(prompts, key=lambda p: p.prefix_len)
+    shared = longest.ids[: longest.prefix_len]
+    cache: list = []
+    model.hidden_states(torch.tensor([shared]), cache)
+    rows = []
+    for p in prompts:
+        assert p.ids[: p.prefix_len] == shared[: p.prefix_len]
+        key = _encode(tok, " " + p.answer)
+        pos = [i for i, t in enumerate(key) if t in digit_ids.tolist()]
+        if len(pos) != len(p.answer):
+            raise EvalError(f"the tokenizer merges the digits of {p.answer!r}")
+        x = torch.tensor([(p.ids + key)[p.prefix_len:-1]])
+        hs = model.hidden_states(x, crop_cache(cache, p.prefix_len))[0, -len(key):]
+        lp = model.logits(hs[pos]).float().log_softmax(-1)              # [digits, vocab]
+        target = torch.tensor([key[i] for i in pos])
+        nll = -lp.gather(1, target[:, None]).sum().item()
+        best = digit_ids[lp[:, digit_ids].argmax(-1)]
+        rows.append({"answer": p.answer, "key_nll": round(nll, 4),
+                     "depth": p.needle_start / len(p.ids),
+                     "retrieved": bool((best == target).all())})
+        if progress is not None:
+            progress.update(1)
+    return {"retrieved": sum(r["retrieved"] for r in rows) / len(rows),
+            "key_nll": sum(r["key_nll"] for r in rows) / len(rows), "n": len(rows),
             "length": max(len(p.ids) for p in prompts), "rows": rows}
 
 
