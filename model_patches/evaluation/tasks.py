@@ -153,16 +153,23 @@ def greedy(model: TorchCausalLM, ids: list[int], max_new: int, cache: list | Non
 
 
 @torch.no_grad()
+def _shared_prefix_cache(model: TorchCausalLM, prompts: list[PasskeyPrompt]) -> list:
+    """KV cache of the longest filler prefix the prompts share (crop it to each prompt's)."""
+    longest = max(prompts, key=lambda p: p.prefix_len)
+    shared = longest.ids[: longest.prefix_len]
+    assert all(p.ids[: p.prefix_len] == shared[: p.prefix_len] for p in prompts)
+    cache: list = []
+    model.hidden_states(torch.tensor([shared]), cache)
+    return cache
+
+
+@torch.no_grad()
 def passkey_accuracy(model: TorchCausalLM, tok, prompts: list[PasskeyPrompt], max_new: int = 8,
                      progress=None) -> dict:
     """Greedy answer per prompt; exact match of the first digit run with the 5-digit key."""
-    longest = max(prompts, key=lambda p: p.prefix_len)
-    shared = longest.ids[: longest.prefix_len]
-    cache: list = []
-    model.hidden_states(torch.tensor([shared]), cache)
+    cache = _shared_prefix_cache(model, prompts)
     rows = []
     for p in prompts:
-        assert p.ids[: p.prefix_len] == shared[: p.prefix_len]
         gen = greedy(model, p.ids, max_new, crop_cache(cache, p.prefix_len))
         text = tok.decode(gen, skip_special_tokens=True)
         rows.append({"answer": p.answer, "output": text, "depth": p.needle_start / len(p.ids),
@@ -183,13 +190,9 @@ def passkey_forced(model: TorchCausalLM, tok, prompts: list[PasskeyPrompt], prog
     if any(len(d) != 1 for d in digits):
         raise EvalError("passkey_forced needs a tokenizer with one token per digit")
     digit_ids = torch.tensor([d[0] for d in digits])
-    longest = max(prompts, key=lambda p: p.prefix_len)
-    shared = longest.ids[: longest.prefix_len]
-    cache: list = []
-    model.hidden_states(torch.tensor([shared]), cache)
+    cache = _shared_prefix_cache(model, prompts)
     rows = []
     for p in prompts:
-        assert p.ids[: p.prefix_len] == shared[: p.prefix_len]
         key = _encode(tok, " " + p.answer)
         pos = [i for i, t in enumerate(key) if t in digit_ids.tolist()]
         if len(pos) != len(p.answer):
