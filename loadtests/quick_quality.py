@@ -9,10 +9,10 @@ the first ``windows`` × 512 tokens of each held-out text (model_patches.text_se
 ``evaluation`` = Wikipedia, ``news``); passkey at 2048 tokens (``--passkey-lengths``) on
 ``passkey-n`` prompts, scored greedy (``passkeyNk``: the generated answer is the key) and/or
 teacher-forced (``passkeyNk_forced``: every digit of the key is the likeliest digit;
-``passkeyNk_key_nll``: the key's mean NLL in nats); greedy answers (24 tokens) to the 5 fixed
-chat prompts. Plain torch (model_patches.evaluation.tasks), float32. One JSON line per
-checkpoint on stdout. The full, documented benchmark is `factorkv eval`
-(docs/results/quality.md).
+``passkeyNk_key_nll``: the key digits' NLL in nats, summed per prompt, mean over prompts);
+greedy answers (24 tokens) to the 5 fixed chat prompts. Plain torch
+(model_patches.evaluation.tasks), float32. One JSON line per checkpoint on stdout. The full,
+documented benchmark is `factorkv eval` (docs/results/quality.md).
 """
 
 from __future__ import annotations
