@@ -73,7 +73,7 @@ def _lengths(text: str) -> tuple[int, ...]:
 
 def _scorings(text: str) -> tuple[str, ...]:
     names = tuple(text.split(","))
-    if not names or not set(names) <= {"greedy", "forced"}:
+    if not set(names) <= {"greedy", "forced"}:
         raise argparse.ArgumentTypeError(f"expected greedy, forced or greedy,forced, got {text!r}")
     return names
 

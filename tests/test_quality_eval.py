@@ -144,7 +144,7 @@ def test_passkey_forced_equals_a_plain_forward(tiny, tok):
         assert abs(row["key_nll"] - nll) < 1e-3
         assert row["retrieved"] == all(digits[int(lp[i, digits].argmax())] == key[i] for i in pos)
     assert out["retrieved"] == sum(r["retrieved"] for r in out["rows"]) / 3
-    # a model that always prefers the key's digits: boost their lm_head rows' bias via a wrapper
+    # a model whose logits favour the key's digits retrieves it
     boosted = _DigitOracle(m, prompts[0].answer, digits)
     assert E.passkey_forced(boosted, tok, prompts[:1])["retrieved"] == 1.0
 

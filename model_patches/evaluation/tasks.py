@@ -190,11 +190,12 @@ def passkey_forced(model: TorchCausalLM, tok, prompts: list[PasskeyPrompt], prog
     if any(len(d) != 1 for d in digits):
         raise EvalError("passkey_forced needs a tokenizer with one token per digit")
     digit_ids = torch.tensor([d[0] for d in digits])
+    digit_set = set(digit_ids.tolist())
     cache = _shared_prefix_cache(model, prompts)
     rows = []
     for p in prompts:
         key = _encode(tok, " " + p.answer)
-        pos = [i for i, t in enumerate(key) if t in digit_ids.tolist()]
+        pos = [i for i, t in enumerate(key) if t in digit_set]
         if len(pos) != len(p.answer):
             raise EvalError(f"the tokenizer merges the digits of {p.answer!r}")
         x = torch.tensor([(p.ids + key)[p.prefix_len:-1]])
