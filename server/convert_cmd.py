@@ -64,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-chat-mix", type=float, default=None, metavar="F",
                    help="fraction of calibration windows that are chat-template conversations "
                         "built from the calibration articles (default 0.5; 0 = prose only)")
+    p.add_argument("--calib-varied-mix", type=float, default=None, metavar="F",
+                   help="fraction of calibration windows taken from the varied texts (the Python "
+                        "language reference and 1993 Usenet posts; default 0), in both stages")
     p.add_argument("--learn-freq", action="store_true",
                    help="--calibrate also trains the thin pairs' rotary frequencies")
     p.add_argument("--e2e-steps", type=int, default=None, metavar="N",
@@ -78,6 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from model_patches.conversion.activation_stats import DEFAULT_STAT_TOKENS
+    from model_patches.conversion.calibrate import DEFAULTS as CALIB_DEFAULTS
     from model_patches.conversion.checkpoint_writer import ConversionError
     from model_patches.conversion.convert import convert
 
@@ -85,6 +89,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.calib_chat_mix is not None and not 0 <= args.calib_chat_mix <= 1:
         raise CLIError(f"--calib-chat-mix must be in [0, 1], got {args.calib_chat_mix}")
+    if args.calib_varied_mix is not None and not 0 <= args.calib_varied_mix <= 1:
+        raise CLIError(f"--calib-varied-mix must be in [0, 1], got {args.calib_varied_mix}")
+    chat = CALIB_DEFAULTS["chat_mix"] if args.calib_chat_mix is None else args.calib_chat_mix
+    if args.calib_varied_mix is not None and chat + args.calib_varied_mix > 1:
+        raise CLIError(f"--calib-chat-mix {chat} + --calib-varied-mix {args.calib_varied_mix} "
+                       "exceed 1")
     for flag, v in (("--calib-batch", args.calib_batch), ("--calib-tokens", args.calib_tokens),
                     ("--calib-steps", args.calib_steps)):
         if v is not None and v < 1:
@@ -93,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
     calibration = {k: v for k, v in (("tokens", args.calib_tokens), ("steps", args.calib_steps),
                                      ("batch", args.calib_batch), ("chat_mix", mix),
                                      ("e2e_chat_mix", mix),
+                                     ("varied_mix", args.calib_varied_mix),
+                                     ("e2e_varied_mix", args.calib_varied_mix),
                                      ("e2e_steps", args.e2e_steps), ("e2e_lr", args.e2e_lr))
                    if v is not None}
     if args.learn_freq:

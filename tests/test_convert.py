@@ -214,6 +214,28 @@ def test_latent_calibration_trains_q_a_b_and_reduces_layer_error(sources, tmp_pa
                        b["model.layers.0.self_attn.v_proj.weight"])
 
 
+def test_varied_calibration_text_reaches_both_stages(sources, tmp_path, monkeypatch):
+    """varied_mix / e2e_varied_mix are handed to calibration_windows by the layer-wise and the
+    end-to-end stage, and the checkpoint's calibration report records them."""
+    from model_patches.conversion import calibrate, distill
+    seen = []
+
+    def spy(real):
+        def windows(*args, **kwargs):
+            seen.append(kwargs.get("varied_mix", 0.0))
+            return real(*args, **kwargs)
+        return windows
+    monkeypatch.setattr(calibrate, "calibration_windows", spy(calibrate.calibration_windows))
+    monkeypatch.setattr(distill, "calibration_windows", spy(distill.calibration_windows))
+    cal = {"tokens": 8 * 64, "seq_len": 64, "steps": 2, "batch": 4, "varied_mix": 0.25,
+           "e2e_steps": 1, "e2e_seq_len": 64, "e2e_batch": 2, "e2e_varied_mix": 0.125}
+    s = convert(sources["llama"], tmp_path / "cal", key_rank=4, calibrate=True, calibration=cal,
+                **SMALL)
+    assert seen == [0.25, 0.125]
+    report = json.loads((s.dst / "config.json").read_text())["factored_keys"]["calibration"]
+    assert report["varied_mix"] == 0.25 and report["e2e"]["varied_mix"] == 0.125
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--key-rank", "32"], "outside"),                  # head_dim is 16
     (["--keys", "thin", "--key-rank", "5"], "odd"),
@@ -222,6 +244,8 @@ def test_latent_calibration_trains_q_a_b_and_reduces_layer_error(sources, tmp_pa
     (["--key-rank", "4", "--init", "best-pairs"], "is not a latent-key initialisation"),
     (["--keys", "thin", "--key-rank", "4", "--init", "qpca"], "is not one of truncated"),
     (["--keys", "thin", "--key-rank", "4", "--latent-groups", "2"], "applies to --keys latent"),
+    (["--key-rank", "4", "--calibrate", "--calib-varied-mix", "1.5"], "must be in [0, 1]"),
+    (["--key-rank", "4", "--calibrate", "--calib-varied-mix", "0.75"], "exceed 1"),
 ])
 def test_bad_arguments_one_line_exit_2(sources, tmp_path, args, needle):
     dst = tmp_path / "out"

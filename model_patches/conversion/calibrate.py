@@ -38,7 +38,8 @@ from model_patches.conversion.distill import (E2E_DEFAULTS, e2e_distill, e2e_thi
 from model_patches.text_sets import token_stream
 
 # chat_mix: fraction of calibration windows that are chat-template conversations
-# (model_patches.conversion.calibration_data); the rest is Wikipedia prose.
+# (model_patches.conversion.calibration_data); the rest is Wikipedia prose. An optional
+# "varied_mix" setting (not a default) takes that fraction from the varied texts instead.
 DEFAULTS = {"tokens": 64 * 256, "seq_len": 256, "steps": 150, "batch": 8, "lr": 2e-3,
             "chat_mix": 0.5}
 
@@ -114,7 +115,10 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
     teacher = TorchCausalLM(*load_checkpoint(src)).to_device(dev)
     tok = AutoTokenizer.from_pretrained(str(src))
     seq = opts["seq_len"]
-    ids = calibration_windows(tok, seq, opts["tokens"] // seq, opts["chat_mix"]).to(dev)
+    # varied_mix (optional, calibration_data.varied_windows): only in opts, and so in the
+    # progress fingerprint, when given, so the shipped recipes' progress files stay valid.
+    ids = calibration_windows(tok, seq, opts["tokens"] // seq, opts["chat_mix"],
+                              varied_mix=opts.get("varied_mix", 0.0)).to(dev)
     pos = torch.arange(seq, device=dev)
 
     work = dst.parent / f".{dst.name}.calib"
@@ -164,6 +168,7 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
                    work / "progress.pt")
     report = {"recipe": "sequential layer-wise attention-output matching, QK only",
               "tokens": int(ids.numel()), "seq_len": seq, "chat_mix": opts["chat_mix"],
+              **({"varied_mix": opts["varied_mix"]} if "varied_mix" in opts else {}),
               "steps_per_layer": opts["steps"],
               "batch": opts["batch"], "lr": opts["lr"], "device": str(dev),
               "seconds": round(time.time() - t0, 1), "layers": losses}

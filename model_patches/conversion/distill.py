@@ -74,7 +74,8 @@ def e2e_distill(src: str | Path, student_cfg: dict, overrides: dict[str, torch.T
                 desc: str, progress: bool = True, **settings
                 ) -> tuple[dict[str, torch.Tensor], dict]:
     """End-to-end distillation (Llama family): minimise KL(teacher || student) of the
-    next-token distributions on calibration windows (half chat, ``e2e_chat_mix``), training
+    next-token distributions on calibration windows (half chat, ``e2e_chat_mix``; a fraction
+    ``e2e_varied_mix`` from the varied texts when given), training
     only the attention projections named in `trainable` (engine.torch_model.TorchCausalLM); the
     teacher is the source model, the student the source's tensors with `overrides` replacing
     theirs (read once for both). Progress is saved every `e2e_save_every` steps next to the
@@ -92,7 +93,8 @@ def e2e_distill(src: str | Path, student_cfg: dict, overrides: dict[str, torch.T
     tok = AutoTokenizer.from_pretrained(str(src))
     seq, bsz, steps = opts["e2e_seq_len"], opts["e2e_batch"], opts["e2e_steps"]
     n_windows = len(token_stream(tok, "calibration")) // seq
-    windows = calibration_windows(tok, seq, n_windows, opts["e2e_chat_mix"]).to(dev)
+    windows = calibration_windows(tok, seq, n_windows, opts["e2e_chat_mix"],
+                                  varied_mix=opts.get("e2e_varied_mix", 0.0)).to(dev)
     opt = torch.optim.Adam(params, lr=opts["e2e_lr"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     work = dst.parent / f".{dst.name}.calib"
@@ -134,6 +136,7 @@ def e2e_distill(src: str | Path, student_cfg: dict, overrides: dict[str, torch.T
     report = {"recipe": f"end-to-end KL(teacher || student), {'/'.join(trainable)}",
               "device": str(dev), "steps": steps, "seq_len": seq, "batch": bsz, "lr": opts["e2e_lr"],
               "chat_mix": opts["e2e_chat_mix"],
+              **({"varied_mix": opts["e2e_varied_mix"]} if "e2e_varied_mix" in opts else {}),
               "tokens_seen": steps * seq * bsz, "seconds": round(time.time() - t0, 1),
               "kl_first": hist[:5], "kl_last": hist[-5:]}
     return student.trained_state(), report
