@@ -35,6 +35,7 @@ q_proj, v_proj unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -81,13 +82,15 @@ def latent_group_factors(wk: torch.Tensor, cx: torch.Tensor, dims: int,
     return r @ u.T @ s, q
 
 
-def init_latent_state(cfg: dict, sd: dict[str, torch.Tensor], rank: int, groups: int,
-                      moments: list[torch.Tensor], progress: bool = True,
+def init_latent_state(cfg: dict, sd: dict[str, torch.Tensor], rank: int | Sequence[int],
+                      groups: int, moments: list[torch.Tensor], progress: bool = True,
                       query_weighted: bool = True) -> dict[str, torch.Tensor]:
     """New state dict with latent key projections (k_proj = A, k_up_proj = B) for every layer
-    of a Llama-family source: ``rank`` latent dims per KV head, ``groups`` latents per layer;
-    query_weighted: the score-error metric (module docstring), else plain PCA."""
+    of a Llama-family source: ``rank`` latent dims per KV head (one int, or one per layer),
+    ``groups`` latents per layer; query_weighted: the score-error metric (module docstring),
+    else plain PCA."""
     n_layers, n_heads, h_kv, d, _ = model_dims(cfg)
+    ranks = [rank] * n_layers if isinstance(rank, int) else list(rank)
     m = h_kv // groups
     per_kv = n_heads // h_kv
     state = dict(sd)
@@ -105,7 +108,7 @@ def init_latent_state(cfg: dict, sd: dict[str, torch.Tensor], rank: int, groups:
         for g in range(groups):
             rows = slice(g * m * d, (g + 1) * m * d)
             metric = torch.block_diag(*heads[g * m:(g + 1) * m]) if heads else None
-            proj, b = latent_group_factors(wk[rows], moments[i], m * rank, metric)
+            proj, b = latent_group_factors(wk[rows], moments[i], m * ranks[i], metric)
             a_rows.append(proj @ wk[rows].double())
             b_rows.append(b)
             if bk is not None:
