@@ -119,7 +119,10 @@ def main() -> None:
     shares = [key_mean_shares(sd[f"model.layers.{i}.self_attn.k_proj.weight"], aug[i],
                               h_kv * args.rank) for i in range(n_layers)]
     med = [sorted(x[j] for x in shares)[n_layers // 2] for j in (0, 1)]
-    print(f"median over layers: uncentred {med[0]:.4f}, mean restored {med[1]:.4f}\n", flush=True)
+    lo, hi = (f(range(n_layers), key=lambda i: shares[i][0]) for f in (min, max))
+    print(f"median over layers: uncentred {med[0]:.4f}, mean restored {med[1]:.4f}; uncentred "
+          f"from {shares[lo][0]:.4f} (layer {lo}) to {shares[hi][0]:.4f} (layer {hi})\n",
+          flush=True)
 
     moments = [m[:-1, :-1] for m in aug]
     spectra = layer_spectra(cfg, sd, moments)
