@@ -31,8 +31,8 @@ from engine.checkpoint import FactoredKeysConfig, model_dims
 from loadtests.init_ppl import ppl
 from model_patches.conversion.activation_stats import input_moments
 from model_patches.conversion.checkpoint_writer import read_source, write_factored, write_full_rank
-from model_patches.conversion.latent_init import init_latent_state, latent_rotary_table, psd_sqrt
-from model_patches.conversion.thin_init import head_moments
+from model_patches.conversion.latent_init import (init_latent_state, latent_rotary_table,
+                                                  query_metrics, weighted_key_moment)
 from model_patches.text_sets import token_stream
 
 
@@ -82,20 +82,17 @@ def allocate_ranks(spectra: list[torch.Tensor], budget: int, allowed: list[int],
 def layer_spectra(cfg: dict, sd: dict[str, torch.Tensor], moments: list[torch.Tensor]
                   ) -> dict[str, list[torch.Tensor]]:
     """Per layer, descending: the key energy share (``keyfrac``) and the query-weighted
-    score-error spectrum (``score``) of the joint latent."""
+    score-error spectrum (``score``) of the joint latent (latent_init's two key moments)."""
     n_layers, h, h_kv, d, _ = model_dims(cfg)
-    per = h // h_kv
     out: dict[str, list[torch.Tensor]] = {"keyfrac": [], "score": []}
     for i in range(n_layers):
         p = f"model.layers.{i}.self_attn"
-        wk, wq = sd[f"{p}.k_proj.weight"].double(), sd[f"{p}.q_proj.weight"].view(h, d, -1)
-        ck = wk @ moments[i].double() @ wk.T
-        ek = torch.linalg.eigvalsh(ck).flip(0).clamp_min(0)
-        out["keyfrac"].append(ek / ek.sum())
-        cq = [head_moments(wq[g * per:(g + 1) * per], wk[g * d:(g + 1) * d], moments[i])[0]
-              for g in range(h_kv)]
-        s, _ = psd_sqrt(torch.block_diag(*cq))
-        out["score"].append(torch.linalg.eigvalsh(s @ ck @ s).flip(0).clamp_min(0))
+        wk = sd[f"{p}.k_proj.weight"]
+        metric = torch.block_diag(*query_metrics(sd[f"{p}.q_proj.weight"].view(h, d, -1), wk,
+                                                 moments[i], h_kv))
+        for name, m in (("keyfrac", None), ("score", metric)):
+            e = torch.linalg.eigvalsh(weighted_key_moment(wk, moments[i], m)[2]).flip(0).clamp_min(0)
+            out[name].append(e / e.sum() if m is None else e)
     return out
 
 

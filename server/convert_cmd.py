@@ -81,7 +81,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from model_patches.conversion.activation_stats import DEFAULT_STAT_TOKENS
-    from model_patches.conversion.calibrate import DEFAULTS as CALIB_DEFAULTS
     from model_patches.conversion.checkpoint_writer import ConversionError
     from model_patches.conversion.convert import convert
 
@@ -91,10 +90,6 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--calib-chat-mix must be in [0, 1], got {args.calib_chat_mix}")
     if args.calib_varied_mix is not None and not 0 <= args.calib_varied_mix <= 1:
         raise CLIError(f"--calib-varied-mix must be in [0, 1], got {args.calib_varied_mix}")
-    chat = CALIB_DEFAULTS["chat_mix"] if args.calib_chat_mix is None else args.calib_chat_mix
-    if args.calib_varied_mix is not None and chat + args.calib_varied_mix > 1:
-        raise CLIError(f"--calib-chat-mix {chat} + --calib-varied-mix {args.calib_varied_mix} "
-                       "exceed 1")
     for flag, v in (("--calib-batch", args.calib_batch), ("--calib-tokens", args.calib_tokens),
                     ("--calib-steps", args.calib_steps)):
         if v is not None and v < 1:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model_patches.conversion.calibration_data import (calibration_windows, chat_windows,
-                                                      varied_windows)
+                                                      varied_windows, window_counts)
 from model_patches.text_sets import VARIED_TEXTS, split, token_stream
 
 
@@ -99,6 +99,9 @@ def test_varied_mix_errors(tok):
         calibration_windows(tok, 128, 16, chat_mix=0.5, varied_mix=0.75)
     with pytest.raises(ValueError, match="windows of"):
         varied_windows(tok, 200_000, 2)                  # fewer windows than asked
+    with pytest.raises(ValueError, match="Wikipedia calibration text has"):
+        calibration_windows(tok, 128, 10 ** 6)           # no longer silently fewer windows
+    assert window_counts(tok, 128, 16, chat_mix=0.25, varied_mix=0.25) == (8, 4, 4)
     for texts in (("news",), ("evaluation",), ("bogus",)):   # held-out text is never calibration
         with pytest.raises(ValueError, match="not calibration text"):
             varied_windows(tok, 128, 2, texts)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.torch_model import TorchCausalLM
-from model_patches.conversion.convert import convert
+from model_patches.conversion.convert import ConversionError, convert
 from tests.engine_utils import ROOT, run_vllm, tiny_llama
 
 VOCAB = 49152          # the default model's tokenizer, so the converter reads real text
@@ -236,6 +236,22 @@ def test_varied_calibration_text_reaches_both_stages(sources, tmp_path, monkeypa
     assert report["varied_mix"] == 0.25 and report["e2e"]["varied_mix"] == 0.125
 
 
+def test_short_calibration_text_fails_before_any_stage_runs(sources, tmp_path, monkeypatch):
+    """A window set the texts cannot fill (here the end-to-end stage's) is a ConversionError
+    raised before the layer-wise stage spends any time, and nothing is written."""
+    from model_patches.conversion import calibrate
+
+    def never(*a, **k):
+        raise AssertionError("the layer-wise stage ran")
+    monkeypatch.setattr(calibrate, "calibrate_layer", never)
+    cal = {"tokens": 8 * 64, "seq_len": 64, "steps": 2, "batch": 4, "chat_mix": 0.0,
+           "e2e_steps": 1, "e2e_seq_len": 64, "e2e_chat_mix": 0.0, "e2e_varied_mix": 0.9}
+    with pytest.raises(ConversionError, match="windows of 64 tokens"):
+        convert(sources["llama"], tmp_path / "cal", key_rank=4, calibrate=True, calibration=cal,
+                **SMALL)
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--key-rank", "32"], "outside"),                  # head_dim is 16
     (["--keys", "thin", "--key-rank", "5"], "odd"),
@@ -246,6 +262,10 @@ def test_varied_calibration_text_reaches_both_stages(sources, tmp_path, monkeypa
     (["--keys", "thin", "--key-rank", "4", "--latent-groups", "2"], "applies to --keys latent"),
     (["--key-rank", "4", "--calibrate", "--calib-varied-mix", "1.5"], "must be in [0, 1]"),
     (["--key-rank", "4", "--calibrate", "--calib-varied-mix", "0.75"], "exceed 1"),
+    # the end-to-end stage (every 256-token window of the calibration stream) asks for more
+    # varied windows than the varied texts hold: refused before the layer-wise stage runs
+    (["--key-rank", "4", "--calibrate", "--calib-chat-mix", "0", "--calib-varied-mix", "0.9",
+      "--e2e-steps", "1"], "windows of 256 tokens"),
 ])
 def test_bad_arguments_one_line_exit_2(sources, tmp_path, args, needle):
     dst = tmp_path / "out"

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from engine.kv_layout import KVCapacity, KVLayout, kv_layout, users_at_context
+from tests._robustness import wait_idle
 from tests.engine_utils import ROOT
 
 VOCAB = 49152  # the default model's tokenizer, so the tiny models can be served over HTTP
@@ -180,29 +181,40 @@ def test_default_server_live_usage_per_user(default_server):
     assert rep["factored"] and rep["bytes_per_token"] == 30 * 3 * (16 + 64) * 4
     assert rep["baseline_bytes_per_token"] == 30 * 3 * 128 * 4
     assert rep["concurrency_gain"] == pytest.approx(1.6, abs=0.01)
+    wait_idle(srv, timeout=120)          # earlier tests on the shared server must have drained
     client = srv.openai_client()
     prompt = "Tell me a long story about a lighthouse keeper. " * 20
     seen: dict = {}
+    samples: list[dict] = []
     started = threading.Event()
+    chunks: list[int] = []
+    errors: list[BaseException] = []
 
     def stream():
-        for i, _ in enumerate(client.completions.create(
-                model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=120, stream=True,
-                extra_body={"ignore_eos": True})):
-            if i == 2:
-                started.set()
+        try:
+            for i, _ in enumerate(client.completions.create(
+                    model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=120, stream=True,
+                    extra_body={"ignore_eos": True})):
+                chunks.append(i)
+                if i == 2:
+                    started.set()
+        except BaseException as e:  # surfaced in the assertion message below
+            errors.append(e)
+            started.set()
 
     t = threading.Thread(target=stream, daemon=True)
     t.start()
-    assert started.wait(120)
-    deadline = time.time() + 30
-    while time.time() < deadline and not seen:
+    assert started.wait(120) and not errors, errors
+    deadline = time.time() + 120
+    while time.time() < deadline and not seen and t.is_alive():
         live = srv.get_json("/v1/kv-cache")["live"]
-        if live["running_users"] == 1 and live["kv_usage_ratio"] > 0:
+        samples.append(live)
+        if live["running_users"] >= 1 and live["kv_usage_ratio"] > 0:
             seen = live
         time.sleep(0.05)
     t.join(120)
-    assert seen, "the running request never showed in /v1/kv-cache"
+    assert seen, (f"the running request never showed in /v1/kv-cache: {len(samples)} polls, "
+                  f"last {samples[-1:]}, {len(chunks)} chunks streamed, errors {errors}")
     assert seen["bytes_per_user_mean_context"] == pytest.approx(seen["kv_usage_ratio"] * rep["memory_bytes"], rel=1e-6, abs=1)
     # the request holds whole blocks covering its prompt and output (a few hundred tokens)
     assert rep["block_size"] <= seen["mean_context_tokens"] <= 2048

@@ -32,9 +32,9 @@ from engine.checkpoint import BLOCK, GPT2_ARCH, LLAMA_ARCH, FactoredKeysConfig
 from engine.rotary import ThinRotaryEmbedding
 from engine.torch_model import TorchCausalLM
 from engine.weights import load_checkpoint
-from model_patches.conversion.calibration_data import calibration_windows
-from model_patches.conversion.distill import (E2E_DEFAULTS, e2e_distill, e2e_thin_qk, fingerprint,
-                                              weights_digest)
+from model_patches.conversion.calibration_data import calibration_windows, window_counts
+from model_patches.conversion.distill import (E2E_DEFAULTS, e2e_distill, e2e_thin_qk,
+                                              e2e_window_set, fingerprint, weights_digest)
 from model_patches.text_sets import token_stream
 
 # chat_mix: fraction of calibration windows that are chat-template conversations
@@ -42,6 +42,27 @@ from model_patches.text_sets import token_stream
 # "varied_mix" setting (not a default) takes that fraction from the varied texts instead.
 DEFAULTS = {"tokens": 64 * 256, "seq_len": 256, "steps": 150, "batch": 8, "lr": 2e-3,
             "chat_mix": 0.5}
+
+
+def window_sets(tok, settings: dict) -> tuple[dict, dict | None]:
+    """calibration_windows' arguments for the layer-wise stage and (e2e_steps > 0) the
+    end-to-end stage under `settings` (DEFAULTS / E2E_DEFAULTS where absent), both checked
+    (calibration_data.window_counts): a ConversionError when a text cannot fill its set, raised
+    before either stage spends any time. varied_mix is only in the settings, and so in the
+    progress fingerprint, when given, so the shipped recipes' progress files stay valid."""
+    opts = {**DEFAULTS, **settings}
+    seq = opts["seq_len"]
+    layer = {"seq_len": seq, "n": opts["tokens"] // seq, "chat_mix": opts["chat_mix"],
+             "varied_mix": opts.get("varied_mix", 0.0)}
+    window_counts(tok, **layer)
+    e2e = {k: v for k, v in settings.items() if k.startswith("e2e_")}
+    return layer, (e2e_window_set(tok, e2e) if {**E2E_DEFAULTS, **e2e}["e2e_steps"] > 0 else None)
+
+
+def check_calibration(src: str | Path, settings: dict) -> None:
+    """Raise ConversionError (one line) unless every calibration stage's window set under
+    `settings` can be built from `src`'s tokenizer (:func:`window_sets`)."""
+    window_sets(AutoTokenizer.from_pretrained(str(src)), settings)
 
 
 def calibrate_layer(teacher: TorchCausalLM, student: TorchCausalLM, i: int, x: torch.Tensor,
@@ -112,13 +133,11 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
     opts = {**DEFAULTS, **settings}
     src, dst = Path(src), Path(dst)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher = TorchCausalLM(*load_checkpoint(src)).to_device(dev)
     tok = AutoTokenizer.from_pretrained(str(src))
     seq = opts["seq_len"]
-    # varied_mix (optional, calibration_data.varied_windows): only in opts, and so in the
-    # progress fingerprint, when given, so the shipped recipes' progress files stay valid.
-    ids = calibration_windows(tok, seq, opts["tokens"] // seq, opts["chat_mix"],
-                              varied_mix=opts.get("varied_mix", 0.0)).to(dev)
+    layer_set, _ = window_sets(tok, {**settings, **e2e})  # both stages' sets checked up front
+    ids = calibration_windows(tok, **layer_set).to(dev)
+    teacher = TorchCausalLM(*load_checkpoint(src)).to_device(dev)
     pos = torch.arange(seq, device=dev)
 
     work = dst.parent / f".{dst.name}.calib"

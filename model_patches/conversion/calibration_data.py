@@ -27,6 +27,7 @@ import random
 
 import torch
 
+from model_patches.conversion.checkpoint_writer import ConversionError
 from model_patches.text_sets import CALIBRATION_TEXTS, VARIED_TEXTS, split, token_stream
 
 KINDS = ("ask", "copy", "recall")
@@ -78,43 +79,74 @@ def chat_windows(tok, seq_len: int, n: int, seed: int = 0) -> torch.Tensor:
     return torch.tensor(out)
 
 
+def _varied_split(tok, seq_len: int, n: int, texts: tuple[str, ...]) -> list[tuple[str, int, int]]:
+    """[(text, windows asked, windows it has)]: n split as evenly as possible between `texts`
+    (the first ones get the remainder); raises ConversionError when a text is not calibration
+    text or has too few windows of seq_len tokens."""
+    if n and not texts:
+        raise ConversionError("varied windows asked for, but no varied texts named")
+    out = []
+    for i, name in enumerate(texts):
+        if name not in CALIBRATION_TEXTS:
+            raise ConversionError(f"{name!r} is not calibration text (one of "
+                                  f"{', '.join(CALIBRATION_TEXTS)})")
+        k = n // len(texts) + (i < n % len(texts))
+        avail = len(token_stream(tok, name)) // seq_len
+        if k > avail:
+            raise ConversionError(f"{name!r} has {avail} windows of {seq_len} tokens, {k} asked "
+                                  "(lower the varied mix or the window length)")
+        out.append((name, k, avail))
+    return out
+
+
 def varied_windows(tok, seq_len: int, n: int,
                    texts: tuple[str, ...] = VARIED_TEXTS) -> torch.Tensor:
     """[n, seq_len]: n windows of calibration ``texts`` (names of model_patches.text_sets.TEXTS),
     split as evenly as possible between the texts (the first ones get the remainder), each
     text's windows spread evenly over its whole token stream (cut into consecutive windows),
-    in text order. Deterministic; raises ValueError when a text has too few windows."""
-    if n and not texts:
-        raise ValueError("varied windows asked for, but no varied texts named")
+    in text order. Deterministic; raises ConversionError (a ValueError) when a text has too
+    few windows."""
     out = []
-    for i, name in enumerate(texts):
-        if name not in CALIBRATION_TEXTS:
-            raise ValueError(f"{name!r} is not calibration text (one of "
-                             f"{', '.join(CALIBRATION_TEXTS)})")
-        k = n // len(texts) + (i < n % len(texts))
+    for name, k, avail in _varied_split(tok, seq_len, n, texts):
         stream = torch.tensor(token_stream(tok, name))
-        avail = len(stream) // seq_len
-        if k > avail:
-            raise ValueError(f"{name!r} has {avail} windows of {seq_len} tokens, {k} asked "
-                             "(lower varied_mix or seq_len)")
         windows = stream[: avail * seq_len].view(avail, seq_len)
         out.append(windows[torch.arange(k) * avail // max(k, 1)])
     return torch.cat(out) if out else torch.empty(0, seq_len, dtype=torch.long)
 
 
-def calibration_windows(tok, seq_len: int, n: int, chat_mix: float = 0.0,
-                        seed: int = 0, varied_mix: float = 0.0,
-                        varied_texts: tuple[str, ...] = VARIED_TEXTS) -> torch.Tensor:
-    """[n, seq_len]: round(n·chat_mix) chat windows, round(n·varied_mix) windows of the varied
-    texts (:func:`varied_windows`), the rest consecutive windows of the Wikipedia calibration
-    stream; interleaved (not shuffled: callers sample batches). varied_mix = 0 (default)
-    gives exactly the windows of before the option existed."""
+def window_counts(tok, seq_len: int, n: int, chat_mix: float = 0.0, varied_mix: float = 0.0,
+                  varied_texts: tuple[str, ...] = VARIED_TEXTS) -> tuple[int, int, int]:
+    """(Wikipedia, chat, varied) windows of :func:`calibration_windows`' set of n, without
+    building it: round(n·chat_mix) chat windows (0 without a chat template), round(n·varied_mix)
+    varied ones, the rest Wikipedia. Raises ConversionError (one line; a ValueError) when the
+    mixes exceed 1 or a text has too few windows, so a converter can check every stage's
+    set before spending minutes on the first."""
+    if not (0 <= chat_mix <= 1 and 0 <= varied_mix <= 1):
+        raise ConversionError(f"calibration mixes must be in [0, 1] (chat {chat_mix}, "
+                              f"varied {varied_mix})")
     n_chat = round(n * chat_mix) if getattr(tok, "chat_template", None) else 0
     n_varied = round(n * varied_mix)
     if n_chat + n_varied > n:
-        raise ValueError(f"chat_mix {chat_mix} + varied_mix {varied_mix} exceed 1")
+        raise ConversionError(f"the chat mix {chat_mix} + the varied mix {varied_mix} exceed 1")
+    n_wiki = n - n_chat - n_varied
+    avail = len(token_stream(tok, "calibration")) // seq_len
+    if n_wiki > avail:
+        raise ConversionError(f"the Wikipedia calibration text has {avail} windows of {seq_len} "
+                              f"tokens, {n_wiki} asked (lower the calibration tokens)")
+    _varied_split(tok, seq_len, n_varied, tuple(varied_texts))
+    return n_wiki, n_chat, n_varied
+
+
+def calibration_windows(tok, seq_len: int, n: int, chat_mix: float = 0.0,
+                        seed: int = 0, varied_mix: float = 0.0,
+                        varied_texts: tuple[str, ...] = VARIED_TEXTS) -> torch.Tensor:
+    """[n, seq_len]: the windows counted by :func:`window_counts` (chat windows, windows of the
+    varied texts (:func:`varied_windows`), the rest consecutive windows of the Wikipedia
+    calibration stream); interleaved (not shuffled: callers sample batches). varied_mix = 0
+    (default) gives exactly the windows of before the option existed."""
+    n_wiki, n_chat, n_varied = window_counts(tok, seq_len, n, chat_mix, varied_mix, varied_texts)
     stream = torch.tensor(token_stream(tok, "calibration"))
-    wiki = stream[: len(stream) // seq_len * seq_len].view(-1, seq_len)[: n - n_chat - n_varied]
+    wiki = stream[: len(stream) // seq_len * seq_len].view(-1, seq_len)[:n_wiki]
     if n_chat == 0 and n_varied == 0:
         return wiki
     parts = [wiki]

@@ -43,7 +43,7 @@ from engine.rotary import source_inv_freq
 from engine.weights import split_gpt2_qkv
 from model_patches.conversion import head_merge
 from model_patches.conversion.activation_stats import DEFAULT_STAT_TOKENS, input_moments
-from model_patches.conversion.calibrate import calibrate_thin_qk
+from model_patches.conversion.calibrate import calibrate_thin_qk, check_calibration
 from model_patches.conversion.distill import cleanup
 from model_patches.conversion.checkpoint_writer import ConversionError, read_source, write_factored
 from model_patches.conversion.latent_init import (LATENT_INITS, init_latent_state, init_options,
@@ -208,6 +208,8 @@ def convert(src: str | Path, dst: str | Path, *, key_rank: int | None = None,
     cfg, sd, family = read_source(src)
     keys, init, groups = resolve_keys(family, keys, init, latent_groups, cfg)
     rank = resolve_rank(cfg, key_rank, key_cache_ratio, family, pairs=keys == "thin")
+    if calibrate:       # fail on a calibration set the texts cannot fill before any work
+        check_calibration(src, calibration or {})
     attention_weighted, query_weighted = init_options(init) if keys == "latent" else (False, False)
     moments = input_moments(src, stat_tokens, progress=progress,
                             attention_weighted=attention_weighted)

@@ -25,7 +25,7 @@ from transformers import AutoTokenizer
 from engine.checkpoint import FactoredKeysConfig
 from engine.torch_model import TorchCausalLM
 from engine.weights import load_checkpoint, load_state_dict
-from model_patches.conversion.calibration_data import calibration_windows
+from model_patches.conversion.calibration_data import calibration_windows, window_counts
 from model_patches.conversion.checkpoint_writer import write_factored
 from model_patches.text_sets import token_stream
 
@@ -52,6 +52,19 @@ def cleanup(dst: str | Path) -> None:
     """Remove the resumable progress of a finished calibration."""
     dst = Path(dst)
     shutil.rmtree(dst.parent / f".{dst.name}.calib", ignore_errors=True)
+
+
+def e2e_window_set(tok, settings: dict) -> dict:
+    """calibration_windows' arguments for the end-to-end stage: as many windows as the
+    Wikipedia calibration stream holds, ``e2e_chat_mix`` of them chat and ``e2e_varied_mix``
+    (when given) from the varied texts. Checked (calibration_data.window_counts): raises
+    ConversionError when the texts are too short for the set."""
+    opts = {**E2E_DEFAULTS, **settings}
+    seq = opts["e2e_seq_len"]
+    args = {"seq_len": seq, "n": len(token_stream(tok, "calibration")) // seq,
+            "chat_mix": opts["e2e_chat_mix"], "varied_mix": opts.get("e2e_varied_mix", 0.0)}
+    window_counts(tok, **args)
+    return args
 
 
 def e2e_thin_qk(src: str | Path, cfg: dict, state: dict[str, torch.Tensor], fk: FactoredKeysConfig,
@@ -92,9 +105,7 @@ def e2e_distill(src: str | Path, student_cfg: dict, overrides: dict[str, torch.T
     student.to_device(dev)
     tok = AutoTokenizer.from_pretrained(str(src))
     seq, bsz, steps = opts["e2e_seq_len"], opts["e2e_batch"], opts["e2e_steps"]
-    n_windows = len(token_stream(tok, "calibration")) // seq
-    windows = calibration_windows(tok, seq, n_windows, opts["e2e_chat_mix"],
-                                  varied_mix=opts.get("e2e_varied_mix", 0.0)).to(dev)
+    windows = calibration_windows(tok, **e2e_window_set(tok, opts)).to(dev)
     opt = torch.optim.Adam(params, lr=opts["e2e_lr"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     work = dst.parent / f".{dst.name}.calib"

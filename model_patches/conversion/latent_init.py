@@ -63,16 +63,32 @@ def psd_sqrt(m: torch.Tensor, floor: float = 1e-6) -> tuple[torch.Tensor, torch.
     return (vecs * vals.sqrt()) @ vecs.T, (vecs / vals.sqrt()) @ vecs.T
 
 
-def latent_group_factors(wk: torch.Tensor, cx: torch.Tensor, dims: int,
-                         metric: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P [dims, rows], B [rows, dims]) for key rows wk [rows, hidden], input moment cx and the
-    key-space metric (None: identity): the latent is P k (A = P wk), the rebuilt key B P k."""
+def query_metrics(wq: torch.Tensor, wk: torch.Tensor, cx: torch.Tensor,
+                  kv_heads: int) -> list[torch.Tensor]:
+    """Per KV head h, the score-error metric C_q,h = Σ_{query heads i of h} W_Q,i C_x W_Q,iᵀ
+    (D × D, thin_init.head_moments) from q rows wq [H, D, hidden] and key rows wk [H_kv·D, hidden]."""
+    per, d = wq.shape[0] // kv_heads, wq.shape[1]
+    return [head_moments(wq[h * per:(h + 1) * per], wk[h * d:(h + 1) * d], cx)[0]
+            for h in range(kv_heads)]
+
+
+def weighted_key_moment(wk: torch.Tensor, cx: torch.Tensor, metric: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(S, S⁻¹, S W_K C_x W_Kᵀ S) in float64, S = metric^{1/2} (identity when None): the key
+    moment whose top eigenvectors span the latent that minimises the metric's error."""
     wk = wk.double()
     if metric is None:
         s = s_inv = torch.eye(wk.shape[0], dtype=torch.float64)
     else:
         s, s_inv = psd_sqrt(metric.double())
-    ck = s @ wk @ cx.double() @ wk.T @ s
+    return s, s_inv, s @ wk @ cx.double() @ wk.T @ s
+
+
+def latent_group_factors(wk: torch.Tensor, cx: torch.Tensor, dims: int,
+                         metric: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P [dims, rows], B [rows, dims]) for key rows wk [rows, hidden], input moment cx and the
+    key-space metric (None: identity): the latent is P k (A = P wk), the rebuilt key B P k."""
+    s, s_inv, ck = weighted_key_moment(wk, cx, metric)
     _, vecs = torch.linalg.eigh((ck + ck.T) / 2)
     u = vecs.flip(-1)[:, :dims]                       # top `dims` principal directions
     # Same k̂ in the latent basis where B has orthonormal columns (B = Q R: B' = Q, P' = R P),
@@ -92,18 +108,14 @@ def init_latent_state(cfg: dict, sd: dict[str, torch.Tensor], rank: int | Sequen
     n_layers, n_heads, h_kv, d, _ = model_dims(cfg)
     ranks = [rank] * n_layers if isinstance(rank, int) else list(rank)
     m = h_kv // groups
-    per_kv = n_heads // h_kv
     state = dict(sd)
     for i in tqdm(range(n_layers), desc=f"latent init (r={rank}, groups={groups})",
                   unit="layer", disable=not progress):
         p = f"model.layers.{i}.self_attn"
         wk = sd[f"{p}.k_proj.weight"]
         bk = sd.get(f"{p}.k_proj.bias")
-        heads = []
-        if query_weighted:
-            wq = sd[f"{p}.q_proj.weight"].view(n_heads, d, -1)
-            heads = [head_moments(wq[h * per_kv:(h + 1) * per_kv], wk[h * d:(h + 1) * d],
-                                  moments[i])[0] for h in range(h_kv)]
+        heads = (query_metrics(sd[f"{p}.q_proj.weight"].view(n_heads, d, -1), wk, moments[i],
+                               h_kv) if query_weighted else [])
         a_rows, b_rows, biases = [], [], []
         for g in range(groups):
             rows = slice(g * m * d, (g + 1) * m * d)
