@@ -79,6 +79,11 @@ def allocate_ranks(spectra: list[torch.Tensor], budget: int, allowed: list[int],
     return ranks[::-1]
 
 
+def spectrum(m: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of a symmetric PSD matrix, descending, rounding negatives clamped to 0."""
+    return torch.linalg.eigvalsh(m).flip(0).clamp_min(0)
+
+
 def layer_spectra(cfg: dict, sd: dict[str, torch.Tensor], moments: list[torch.Tensor]
                   ) -> dict[str, list[torch.Tensor]]:
     """Per layer, descending: the key energy share (``keyfrac``) and the query-weighted
@@ -90,9 +95,9 @@ def layer_spectra(cfg: dict, sd: dict[str, torch.Tensor], moments: list[torch.Te
         wk = sd[f"{p}.k_proj.weight"]
         metric = torch.block_diag(*query_metrics(sd[f"{p}.q_proj.weight"].view(h, d, -1), wk,
                                                  moments[i], h_kv))
-        for name, m in (("keyfrac", None), ("score", metric)):
-            e = torch.linalg.eigvalsh(weighted_key_moment(wk, moments[i], m)[2]).flip(0).clamp_min(0)
-            out[name].append(e / e.sum() if m is None else e)
+        ek = spectrum(weighted_key_moment(wk, moments[i])[2])
+        out["keyfrac"].append(ek / ek.sum())
+        out["score"].append(spectrum(weighted_key_moment(wk, moments[i], metric)[2]))
     return out
 
 

@@ -135,7 +135,7 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = AutoTokenizer.from_pretrained(str(src))
     seq = opts["seq_len"]
-    layer_set, _ = window_sets(tok, {**settings, **e2e})  # both stages' sets checked up front
+    layer_set, e2e_set = window_sets(tok, {**settings, **e2e})  # both checked up front
     ids = calibration_windows(tok, **layer_set).to(dev)
     teacher = TorchCausalLM(*load_checkpoint(src)).to_device(dev)
     pos = torch.arange(seq, device=dev)
@@ -194,7 +194,7 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
     if learn_freq:
         fk = replace(fk, inv_freq=tuple(freqs))                    # the checkpoint's table
         report["learned_rotary_freq"] = True
-    if {**E2E_DEFAULTS, **e2e}["e2e_steps"] > 0:
+    if e2e_set is not None:                                       # e2e_steps > 0
         del teacher, student
         state, report["e2e"] = e2e_thin_qk(src, cfg, state, fk, dst, progress=progress, **e2e)
     return state, replace(fk, method=f"{fk.method}+calibrated", calibration=report)
