@@ -2,6 +2,7 @@
 
     python -m loadtests.quick_quality original served-r16 /path/to/checkpoint [--windows 8]
         [--passkey-n 10] [--texts evaluation,news] [--passkey-scoring greedy,forced]
+        [--copy-n 8 --copy-lengths 1024,4096]
 
 Per checkpoint (``original``, ``served-rR`` = the build `factorkv serve --variant thin-rR`
 serves, ``served-<variant>`` = that of ``--variant <variant>``, or a directory): perplexity on
@@ -10,7 +11,9 @@ the first ``windows`` × 512 tokens of each held-out text (model_patches.text_se
 ``passkey-n`` prompts, scored greedy (``passkeyNk``: the generated answer is the key) and/or
 teacher-forced (``passkeyNk_forced``: every digit of the key is the likeliest digit;
 ``passkeyNk_key_nll``: the key digits' NLL in nats, summed per prompt, mean over prompts);
-greedy answers (24 tokens) to the 5 fixed chat prompts. Plain torch
+long-range copy (``copy_<text>_<length>``: ``copy-n`` windows per text and length whose last
+32 tokens repeat tokens 64..95; NLL per repeated token and the fraction ranked first,
+model_patches.evaluation.tasks.copy_recall); greedy answers (24 tokens) to the 5 fixed chat prompts. Plain torch
 (model_patches.evaluation.tasks), float32. One JSON line per checkpoint on stdout. The full,
 documented benchmark is `factorkv eval` (docs/results/quality.md).
 """
@@ -37,10 +40,12 @@ def resolve(name: str) -> Path:
 
 
 def probe(path: Path, tok, windows: int, passkey_n: int, texts=("evaluation",),
-          passkey_lengths=(2048,), chat: bool = True, scoring=("greedy",)) -> dict:
+          passkey_lengths=(2048,), chat: bool = True, scoring=("greedy",), copy_n: int = 0,
+          copy_lengths=(4096,)) -> dict:
     from engine.torch_model import TorchCausalLM
-    from model_patches.evaluation.tasks import (eval_windows, greedy_chat, passkey_accuracy,
-                                                passkey_forced, passkey_prompts, perplexity)
+    from model_patches.evaluation.tasks import (copy_recall, copy_windows, eval_windows,
+                                                greedy_chat, passkey_accuracy, passkey_forced,
+                                                passkey_prompts, perplexity)
     from model_patches.text_sets import token_stream
 
     t0 = time.time()
@@ -49,6 +54,10 @@ def probe(path: Path, tok, windows: int, passkey_n: int, texts=("evaluation",),
     for text in texts:
         w = eval_windows(token_stream(tok, text), 512, windows * 512)
         out["ppl" if text == "evaluation" else f"ppl_{text}"] = round(perplexity(model, w)["ppl"], 3)
+    for text in texts if copy_n else ():
+        for length in copy_lengths:
+            r = copy_recall(model, copy_windows(token_stream(tok, text), length, copy_n))
+            out[f"copy_{text}_{length}"] = {"nll": round(r["nll"], 4), "top1": round(r["top1"], 3)}
     for length in passkey_lengths if passkey_n else ():
         name = f"passkey{length // 1024}k" if length % 1024 == 0 else f"passkey{length}"
         prompts = passkey_prompts(tok, length, passkey_n)
@@ -90,6 +99,10 @@ def main() -> None:
     ap.add_argument("--passkey-lengths", default="2048", type=_lengths,
                     help="prompt lengths in tokens, e.g. 2048,4096")
     ap.add_argument("--no-chat", action="store_true", help="skip the chat answers")
+    ap.add_argument("--copy-n", type=int, default=0, help="long-range copy windows per text "
+                    "and length (0: skip)")
+    ap.add_argument("--copy-lengths", default="4096", type=_lengths,
+                    help="copy window lengths in tokens, e.g. 1024,4096")
     ap.add_argument("--passkey-scoring", default="greedy", type=_scorings,
                     help="greedy (answer generated), forced (key teacher-forced: digit "
                          "retrieval and key NLL), or greedy,forced")
@@ -101,7 +114,8 @@ def main() -> None:
         print(json.dumps({"checkpoint": name, **probe(path, tok, a.windows, a.passkey_n,
                                                       [t for t in a.texts.split(",") if t],
                                                       a.passkey_lengths, not a.no_chat,
-                                                      a.passkey_scoring)}),
+                                                      a.passkey_scoring, a.copy_n,
+                                                      a.copy_lengths)}),
               flush=True)
 
 

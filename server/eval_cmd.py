@@ -49,6 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="variants with --passkey-n prompts (default: %(default)s)")
     p.add_argument("--passkey-n-other", type=int, default=20,
                    help="passkey prompts per length for the other calibrated/extra variants")
+    p.add_argument("--copy-n", type=int, default=0,
+                   help="long-range copy: windows per text and length for every variant "
+                        "(their last 32 tokens repeat tokens 64..95; 0 = skip, the default)")
+    p.add_argument("--copy-lengths", type=_ints, default=[1024, 4096],
+                   help="long-range copy window lengths (default: 1024,4096)")
     p.add_argument("--passkey-engine", choices=("vllm", "torch"), default="vllm",
                    help="run passkey prompts through vLLM (prefix caching; default) or torch")
     p.add_argument("--vllm-variant", default="served-r16",
@@ -82,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
                  for v in variants + list(extra) if v in full or v in chat}
     opts = {"variants": variants, "extra": extra, "contexts": args.contexts,
             "eval_tokens": args.eval_tokens, "texts": [t for t in args.texts.split(",") if t],
-            "passkey_lengths": args.passkey_lengths,
-            "passkey_n": passkey_n, "chat": chat, "vllm_variant": args.vllm_variant or None,
+            "passkey_lengths": args.passkey_lengths, "copy_n": args.copy_n,
+            "copy_lengths": args.copy_lengths, "passkey_n": passkey_n, "chat": chat, "vllm_variant": args.vllm_variant or None,
             "vllm_ctx": args.vllm_ctx, "passkey_engine": args.passkey_engine, "seed": args.seed, "threads": args.threads,
             "work": args.work, "out": args.out, "progress": not args.quiet}
     command = "factorkv eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \

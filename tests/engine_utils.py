@@ -44,7 +44,7 @@ def tiny_gpt2(path: Path, *, heads: int = 4, hidden: int = 128, layers: int = 2,
     return path
 
 
-def write_latent(src, dst, rank: int, groups: int, seed: int = 0):
+def write_latent(src, dst, rank: int | list[int], groups: int, seed: int = 0):
     """A latent checkpoint of src: weight PCA (identity input moments) with B perturbed, so
     no structure of the exact PCA can hide a reconstruction bug."""
     from model_patches.conversion.checkpoint_writer import write_factored

@@ -74,6 +74,26 @@ def test_perplexity_is_exp_of_mean_nll_by_hand(tiny):
         E.eval_windows(stream, 64, 10_000)
 
 
+def test_copy_recall_scores_the_repeated_span_by_hand(tiny):
+    """copy_windows repeats tokens [source, source + span) at the end of each window and
+    touches nothing else; copy_recall's NLL and top-1 are those of the transformers model on
+    the repeat's tokens 2..span."""
+    src, _ = tiny
+    stream = torch.randint(3, 256, (400,), generator=torch.Generator().manual_seed(2)).tolist()
+    w = E.copy_windows(stream, 96, 3, span=8, source=10)
+    plain = torch.tensor(stream[:288]).view(3, 96)
+    assert torch.equal(w[:, :88], plain[:, :88]) and torch.equal(w[:, 88:], plain[:, 10:18])
+    got = E.copy_recall(TorchCausalLM.from_dir(src), w, span=8)
+    lp = torch.log_softmax(_hf_logits(src, w).double(), -1)[:, 88:95]     # predict 89..95
+    target = w[:, 89:]
+    nll = -lp.gather(2, target[..., None]).mean().item()
+    top1 = (lp.argmax(-1) == target).double().mean().item()
+    assert got["tokens_scored"] == 3 * 7 and got["nll"] == pytest.approx(nll, rel=1e-5)
+    assert got["top1"] == pytest.approx(top1)
+    with pytest.raises(E.EvalError, match="does not fit"):
+        E.copy_windows(stream, 96, 1, span=8, source=85)
+
+
 @pytest.fixture(scope="module")
 def tok(default_model_dir):
     from transformers import AutoTokenizer
@@ -204,6 +224,14 @@ def test_report_lists_every_variant(tmp_path, tiny):
     text = out.read_text()
     assert "| thin | rotary-pair-subset | 8 | 50% | – | – |" in text
     assert "| thin | – | 1 s | – |" in text
+    assert "## Long-range copy" not in text
+    metrics["original"]["copy/wiki/len128/n2"] = {"nll": 1.5, "top1": 0.625, "seconds": 1}
+    write_report(out, ["original", "thin"], {"original": src, "thin": thin}, metrics,
+                 {**opts, "texts": ["wiki", "news"], "copy_n": 2, "copy_lengths": [128]},
+                 "factorkv eval --x", 60.0)
+    text = out.read_text()
+    assert "| variant | Wikipedia @128 | news @128 |" in text
+    assert "| original | 1.500 (62%) | – |" in text and "| thin | 1." not in text
 
 
 def test_evaluate_variant_scores_each_text_once(tmp_path, default_model_dir):
@@ -233,6 +261,11 @@ def test_evaluate_variant_scores_each_text_once(tmp_path, default_model_dir):
     evaluate_variant("v", src, tmp_path, tok, {**opts, "texts": ["wiki", "news"]}, logs.append)
     assert (tmp_path / "results" / "v.json").stat().st_mtime_ns == mtime   # nothing recomputed
     assert "[eval] v news ctx 64: PPL" in logs[-1]
+    m = evaluate_variant("v", src, tmp_path, tok, {**opts, "copy_n": 2, "copy_lengths": [192]},
+                         logs.append)
+    copy = m["copy/wiki/len192/n2"]
+    assert copy["tokens_scored"] == 2 * 31 and copy["nll"] > 0 and 0 <= copy["top1"] <= 1
+    assert "copy/news/len192/n2" not in m and "[eval] v copy wiki @192: NLL" in logs[-1]
 
 
 @pytest.mark.slow
@@ -251,6 +284,9 @@ def test_vllm_prompt_nll_matches_torch(tiny, tmp_path):
     (["--variants", "bogus"], "unknown variant"),
     (["--texts", "wiki,bogus"], "expected one or more of wiki, news"),
     (["--eval-tokens", "100000"], "the news text has"),     # Wikipedia has enough, news not
+    (["--copy-n", "-1"], "at least 1 window"),
+    (["--copy-n", "4", "--copy-lengths", "30000"], "the news text has"),
+    (["--copy-n", "1", "--copy-lengths", "50"], "does not fit 50 tokens"),
 ])
 def test_eval_cli_bad_option_one_line(tmp_path, args, message):
     import subprocess

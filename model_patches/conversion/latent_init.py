@@ -140,7 +140,7 @@ def latent_rotary_table(cfg: dict) -> tuple[list[torch.Tensor], float]:
     return [inv[None].expand(h_kv, -1).double()] * n_layers, scaling
 
 
-def weight_pca_latent(src, rank: int, groups: int, *, method: str
+def weight_pca_latent(src, rank: int | Sequence[int], groups: int, *, method: str
                       ) -> tuple[dict, dict[str, torch.Tensor], FactoredKeysConfig]:
     """(config, state dict, factored_keys) of a data-free latent copy of the checkpoint src:
     PCA of W_K's rows (identity input moments). For benchmarks and tests, where the factors'

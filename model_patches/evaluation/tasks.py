@@ -10,6 +10,12 @@ checkpoints; batched, KV-cached):
   seed), and they share the filler prefix, so the filler's KV cache is computed once.
   :func:`passkey_forced` scores the key teacher-forced (its digits' NLL; retrieval digit by
   digit), apart from the greedy task's other question: whether to answer with a number at all.
+* :func:`copy_windows` / :func:`copy_recall`: long-range copying of real text. A window of
+  held-out text whose last ``span`` tokens repeat a span from near its start (so the copy is
+  ``length`` − span − source tokens away); scored on the repeat's tokens but the first (which
+  follows unrelated text): mean NLL and the fraction the model ranks first. Passkey asks for
+  one salient number in repetitive filler; this asks for ordinary prose, wherever a user's
+  document repeats itself (quotes, code, retrieved passages).
 * :func:`greedy_chat`: greedy answers to chat prompts (the model's chat template).
 """
 
@@ -81,6 +87,42 @@ def perplexity(model: TorchCausalLM, windows: torch.Tensor, batch: int = 1, prog
     nll = window_nll(model, windows, batch, progress).double()
     return {"ppl": math.exp(nll.mean().item()), "nll_sum": nll.sum().item(),
             "tokens_scored": nll.numel(), "windows": len(windows), "ctx": windows.shape[1]}
+
+
+# ---------------------------------------------------------------------------- long-range copy
+def copy_windows(stream: list[int] | torch.Tensor, length: int, n: int, span: int = 32,
+                 source: int = 64, name: str = "evaluation text") -> torch.Tensor:
+    """[n, length]: n consecutive windows of ``stream``, each with tokens [length − span,
+    length) replaced by its own tokens [source, source + span)."""
+    if source < 0 or span < 2 or source + span > length - span:
+        raise EvalError(f"a {span}-token copy of position {source} does not fit {length} tokens")
+    if n < 1:
+        raise EvalError(f"long-range copy needs at least 1 window, {n} asked")
+    w = eval_windows(stream, length, n * length, name).clone()
+    w[:, length - span:] = w[:, source:source + span]
+    return w
+
+
+def copy_key(text: str, length: int, n: int) -> str:
+    """Result-cache key of copy_recall on a PPL_TEXTS text."""
+    return f"copy/{text}/len{length}/n{n}"
+
+
+@torch.no_grad()
+def copy_recall(model: TorchCausalLM, windows: torch.Tensor, span: int = 32) -> dict:
+    """Scores the repeated span of :func:`copy_windows` (its tokens 2..span, predicted from
+    the window before them): mean NLL (nats/token) and ``top1``, the fraction of those tokens
+    the model ranks first."""
+    nll, top1 = [], []
+    for w in windows:
+        hs = model.hidden_states(w[None, :-1])[0, -(span - 1):]
+        logits = model.logits(hs).float()
+        target = w[-(span - 1):]
+        nll.append(F.cross_entropy(logits, target, reduction="none"))
+        top1.append(logits.argmax(-1) == target)
+    nll, top1 = torch.cat(nll).double(), torch.cat(top1)
+    return {"nll": nll.mean().item(), "top1": top1.float().mean().item(), "n": len(windows),
+            "length": windows.shape[1], "tokens_scored": nll.numel()}
 
 
 # ---------------------------------------------------------------------------- passkey

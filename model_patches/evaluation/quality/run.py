@@ -59,6 +59,18 @@ def evaluate_variant(name: str, ckpt: Path, root: Path, tok, opts: dict, log=pri
                               "windows": len(windows), "window_nll": nll.sum(1).tolist(),
                               "seconds": round(time.time() - t0, 1)})
             log(f"[eval] {name} {text} ctx {ctx}: PPL {res.get(key)['ppl']:.3f}")
+    n_copy = opts.get("copy_n", 0)
+    for text in opts.get("texts", tuple(E.PPL_TEXTS)) if n_copy else ():
+        for length in opts["copy_lengths"]:
+            key = E.copy_key(text, length, n_copy)
+            if res.get(key) is None:
+                windows = E.copy_windows(token_stream(tok, E.PPL_TEXTS[text]), length, n_copy,
+                                         name=f"the {text} text")
+                t0 = time.time()
+                res.put(key, {**E.copy_recall(get_model(), windows),
+                              "seconds": round(time.time() - t0, 1)})
+            m = res.get(key)
+            log(f"[eval] {name} copy {text} @{length}: NLL {m['nll']:.3f}, top-1 {m['top1']:.1%}")
     n_pk = opts["passkey_n"].get(name, 0)
     for length in opts["passkey_lengths"] if n_pk else ():
         key = f"passkey/len{length}/n{n_pk}/seed{opts['seed']}"
@@ -122,6 +134,9 @@ def run_benchmark(opts: dict, command: str, log=print) -> Path:
         for ctx in opts["contexts"]:
             E.eval_windows(token_stream(tok, E.PPL_TEXTS[text]), ctx, opts["eval_tokens"],
                            f"the {text} text")
+        for length in opts["copy_lengths"] if opts.get("copy_n") else ():
+            E.copy_windows(token_stream(tok, E.PPL_TEXTS[text]), length, opts["copy_n"],
+                           name=f"the {text} text")
     ckpts, metrics = {}, {}
     # compute the most telling variants first (original, calibrated, extra and merged, then
     # init-only); the report keeps the given order
