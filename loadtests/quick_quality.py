@@ -13,8 +13,8 @@ teacher-forced (``passkeyNk_forced``: every digit of the key is the likeliest di
 ``passkeyNk_key_nll``: the key digits' NLL in nats, summed per prompt, mean over prompts);
 long-range copy (``copy_<text>_<length>``: ``copy-n`` windows per text and length whose last
 32 tokens repeat tokens 64..95; NLL per repeated token and the fraction ranked first,
-model_patches.evaluation.tasks.copy_recall); greedy answers (24 tokens) to the 5 fixed chat prompts. Plain torch
-(model_patches.evaluation.tasks), float32. One JSON line per checkpoint on stdout. The full,
+model_patches.evaluation.tasks.copy_recall); greedy answers (24 tokens) to the 5 fixed chat
+prompts. Plain torch (model_patches.evaluation.tasks), float32. One JSON line per checkpoint on stdout. The full,
 documented benchmark is `factorkv eval` (docs/results/quality.md).
 """
 

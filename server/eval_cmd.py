@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     opts = {"variants": variants, "extra": extra, "contexts": args.contexts,
             "eval_tokens": args.eval_tokens, "texts": [t for t in args.texts.split(",") if t],
             "passkey_lengths": args.passkey_lengths, "copy_n": args.copy_n,
-            "copy_lengths": args.copy_lengths, "passkey_n": passkey_n, "chat": chat, "vllm_variant": args.vllm_variant or None,
+            "copy_lengths": args.copy_lengths, "passkey_n": passkey_n, "chat": chat,
+            "vllm_variant": args.vllm_variant or None,
             "vllm_ctx": args.vllm_ctx, "passkey_engine": args.passkey_engine, "seed": args.seed, "threads": args.threads,
             "work": args.work, "out": args.out, "progress": not args.quiet}
     command = "factorkv eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \

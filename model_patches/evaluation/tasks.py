@@ -90,8 +90,11 @@ def perplexity(model: TorchCausalLM, windows: torch.Tensor, batch: int = 1, prog
 
 
 # ---------------------------------------------------------------------------- long-range copy
-def copy_windows(stream: list[int] | torch.Tensor, length: int, n: int, span: int = 32,
-                 source: int = 64, name: str = "evaluation text") -> torch.Tensor:
+COPY_SPAN, COPY_SOURCE = 32, 64     # the repeated span's length and where it is copied from
+
+
+def copy_windows(stream: list[int] | torch.Tensor, length: int, n: int, span: int = COPY_SPAN,
+                 source: int = COPY_SOURCE, name: str = "evaluation text") -> torch.Tensor:
     """[n, length]: n consecutive windows of ``stream``, each with tokens [length − span,
     length) replaced by its own tokens [source, source + span)."""
     if source < 0 or span < 2 or source + span > length - span:
@@ -109,7 +112,7 @@ def copy_key(text: str, length: int, n: int) -> str:
 
 
 @torch.no_grad()
-def copy_recall(model: TorchCausalLM, windows: torch.Tensor, span: int = 32) -> dict:
+def copy_recall(model: TorchCausalLM, windows: torch.Tensor, span: int = COPY_SPAN) -> dict:
     """Scores the repeated span of :func:`copy_windows` (its tokens 2..span, predicted from
     the window before them): mean NLL (nats/token) and ``top1``, the fraction of those tokens
     the model ranks first."""

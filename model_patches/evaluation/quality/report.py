@@ -14,7 +14,7 @@ import torch
 
 from engine.checkpoint import BLOCK, FactoredKeysConfig, model_dims
 from engine.kv_layout import kv_layout
-from model_patches.evaluation.tasks import PPL_TEXTS, copy_key, ppl_key
+from model_patches.evaluation.tasks import COPY_SOURCE, COPY_SPAN, PPL_TEXTS, copy_key, ppl_key
 
 PARETO_PNG = "quality-pareto.png"
 SHORT_TEXT = {"wiki": "Wikipedia", "news": "news"}
@@ -189,7 +189,7 @@ def write_report(path: Path, variants: list[str], ckpts: dict[str, Path],
         if text == texts[0]:
             L += ["Targets (issue 4): 50% cut ≤ +1%, 75% ≤ +3%, 87.5% ≤ +8%.", ""]
     rows = _kv_rows(variants, ckpts, metrics, ctxs, n_tok, texts[0])
-    label = "Wikipedia" if texts[0] == "wiki" else texts[0]
+    label = SHORT_TEXT.get(texts[0], texts[0])
     plot = pareto_plot(path.parent / PARETO_PNG, rows, ctxs, label)
     L += ["## KV bytes per token vs perplexity", "",
           "Every variant's KV cache cost per token (fp16 elements, all layers: "
@@ -225,9 +225,10 @@ def write_report(path: Path, variants: list[str], ckpts: dict[str, Path],
                  if any(copy_key(t, n, n_copy) in metrics[v] for t, n in cols)]
     if n_copy and copy_vars:
         L += ["## Long-range copy", "",
-              f"{n_copy} windows per text and length of the held-out text whose last 32 tokens "
-              "repeat its tokens 64..95 (the copy is the window length − 96 tokens back); the "
-              "repeat's tokens 2..32 scored teacher-forced: mean NLL (nats per token) and, in "
+              f"{n_copy} windows per text and length of the held-out text whose last {COPY_SPAN} "
+              f"tokens repeat its tokens {COPY_SOURCE}..{COPY_SOURCE + COPY_SPAN - 1} (the copy "
+              f"is the window length − {COPY_SOURCE + COPY_SPAN} tokens back); the repeat's "
+              f"tokens 2..{COPY_SPAN} scored teacher-forced: mean NLL (nats per token) and, in "
               "brackets, the share the model ranks first (`model_patches.evaluation.tasks."
               "copy_recall`). Ordinary prose, not a salient number in filler: what a user's "
               "quote, code or retrieved passage asks of the cache.", "",
