@@ -55,11 +55,13 @@ class RotaryKeys:
 
     def rotate(self, pos: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                up: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [B, T, H*r], k [B, T, H_kv*r] at positions pos [T] -> rotated q and k."""
+        """q [B, T, H*r], k [B, T, H_kv*r] at positions pos [T] (or per row, [B, T]) ->
+        rotated q and k."""
         if self.rope is None:
             return q, k
         b, t = q.shape[:2]
-        q, k = self.rope(pos.repeat(b), q.reshape(b * t, -1), k.reshape(b * t, -1))
+        flat = pos.reshape(-1) if pos.dim() == 2 else pos.repeat(b)
+        q, k = self.rope(flat, q.reshape(b * t, -1), k.reshape(b * t, -1))
         return q.view(b, t, -1), k.view(b, t, -1)
 
     def to(self, device) -> "RotaryKeys":
@@ -208,8 +210,8 @@ class TorchCausalLM(torch.nn.Module):
 
     def attention(self, i: int, n: torch.Tensor, pos: torch.Tensor, cache: list | None = None,
                   evict=None) -> torch.Tensor:
-        """Layer i's attention on normed input n [B, T, hidden] at positions pos [T] -> the
-        block's output [B, T, hidden] (after W_o). ``cache``: list of per-layer (k, v)
+        """Layer i's attention on normed input n [B, T, hidden] at positions pos [T] (or per
+        row, [B, T]) -> the block's output [B, T, hidden] (after W_o). ``cache``: list of per-layer (k, v)
         ([B, H_kv, S, r] as cached, [B, H_kv, S, D]), read and extended in place.
         ``evict=(policy, L)``: query rows at cache index >= L see only the prompt keys
         (index < L) that ``policy.keep_mask`` keeps, per KV head (latent keys: per layer),

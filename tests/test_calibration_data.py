@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from model_patches.conversion.calibration_data import (calibration_windows, chat_windows,
-                                                      varied_windows, window_counts)
+                                                      skipped_positions, varied_windows,
+                                                      window_counts)
+from model_patches.conversion.checkpoint_writer import ConversionError
 from model_patches.text_sets import VARIED_TEXTS, split, token_stream
 
 
@@ -105,3 +107,20 @@ def test_varied_mix_errors(tok):
     for texts in (("news",), ("evaluation",), ("bogus",)):   # held-out text is never calibration
         with pytest.raises(ValueError, match="not calibration text"):
             varied_windows(tok, 128, 2, texts)
+
+
+def test_skipped_positions_are_two_contiguous_chunks_below_the_limit():
+    """Odd windows keep 0..T-1; even windows are 0..c-1 then c+u..T-1+u with u <= P - T, so
+    every position is < P; the same seed gives the same positions; P < T is refused."""
+    pos = skipped_positions(9, 32, 4096, seed=3)
+    assert pos.shape == (9, 32) and torch.equal(pos, skipped_positions(9, 32, 4096, seed=3))
+    assert all(torch.equal(pos[w], torch.arange(32)) for w in range(1, 9, 2))
+    skips = []
+    for w in range(0, 9, 2):
+        steps = pos[w].diff()
+        jumps = (steps != 1).nonzero().flatten()
+        assert len(jumps) <= 1 and pos[w, 0] == 0 and pos[w].max() < 4096
+        skips.append(int(steps.max()) - 1)
+    assert max(skips) > 32                          # the tails do move far away
+    with pytest.raises(ConversionError, match="shorter than its 32-token windows"):
+        skipped_positions(2, 32, 16)

@@ -214,6 +214,44 @@ def test_latent_calibration_trains_q_a_b_and_reduces_layer_error(sources, tmp_pa
                        b["model.layers.0.self_attn.v_proj.weight"])
 
 
+def test_pos_skip_calibration_sees_long_distances(sources, tmp_path, monkeypatch):
+    """pos_skip = P: the layer-wise stage gets per-window positions (skipped_positions), the
+    report records P, and a P beyond the model's positions fails before anything is written."""
+    from model_patches.conversion import calibrate
+    seen = []
+    real = calibrate.calibrate_layer
+
+    def spy(teacher, student, i, x, pos, *args, **kwargs):
+        seen.append(pos.clone())
+        return real(teacher, student, i, x, pos, *args, **kwargs)
+    monkeypatch.setattr(calibrate, "calibrate_layer", spy)
+    cal = {"tokens": 8 * 64, "seq_len": 64, "steps": 3, "batch": 4, "pos_skip": 512}
+    s = convert(sources["llama"], tmp_path / "cal", key_rank=4, calibrate=True, calibration=cal,
+                **SMALL)
+    assert len(seen) == 2 and all(p.shape == (8, 64) for p in seen)
+    assert seen[0].max() > 64 and seen[0].max() < 512
+    report = json.loads((s.dst / "config.json").read_text())["factored_keys"]["calibration"]
+    assert report["pos_skip"] == 512
+    longest = json.loads((sources["llama"] / "config.json").read_text())["max_position_embeddings"]
+    with pytest.raises(ConversionError, match=f"exceeds the model's {longest} positions"):
+        convert(sources["llama"], tmp_path / "far", key_rank=4, calibrate=True,
+                calibration={**cal, "pos_skip": longest + 1}, **SMALL)
+    assert not (tmp_path / "far").exists()
+
+
+def test_attention_at_per_window_positions(sources, tmp_path):
+    """Positions given per window ([B, T]) rotate each window as its own [T] positions would."""
+    m = TorchCausalLM.from_dir(convert(sources["llama"], tmp_path / "init", key_rank=4,
+                                       **SMALL).dst)
+    ids = torch.randint(0, m.w["model.embed_tokens.weight"].shape[0], (2, 10),
+                        generator=torch.Generator().manual_seed(0))
+    pos = torch.stack([torch.arange(10), torch.arange(10) + (torch.arange(10) >= 4) * 300])
+    n = m.attn_norm(0, m.embed(ids, pos))
+    each = torch.cat([m.attention(0, n[j:j + 1], pos[j]) for j in range(2)])
+    torch.testing.assert_close(m.attention(0, n, pos), each)
+    assert not torch.allclose(each[1], m.attention(0, n[1:], pos[0])[0])
+
+
 def test_varied_calibration_text_reaches_both_stages(sources, tmp_path, monkeypatch):
     """varied_mix / e2e_varied_mix are handed to calibration_windows by the layer-wise and the
     end-to-end stage, and the checkpoint's calibration report records them."""

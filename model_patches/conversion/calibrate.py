@@ -32,7 +32,9 @@ from engine.checkpoint import BLOCK, GPT2_ARCH, LLAMA_ARCH, FactoredKeysConfig
 from engine.rotary import ThinRotaryEmbedding
 from engine.torch_model import TorchCausalLM
 from engine.weights import load_checkpoint
-from model_patches.conversion.calibration_data import calibration_windows, window_counts
+from model_patches.conversion.calibration_data import (calibration_windows, skipped_positions,
+                                                       window_counts)
+from model_patches.conversion.checkpoint_writer import ConversionError
 from model_patches.conversion.distill import (E2E_DEFAULTS, e2e_distill, e2e_thin_qk,
                                               e2e_window_set, fingerprint, weights_digest)
 from model_patches.text_sets import token_stream
@@ -74,7 +76,7 @@ def calibrate_layer(teacher: TorchCausalLM, student: TorchCausalLM, i: int, x: t
 
     over the student's tensors ``names`` (and, with ``freq_lr``, the layer's rotary
     frequencies, kept non-negative), Adam + cosine schedule, ``opts["steps"]`` steps of
-    ``opts["batch"]`` windows. Returns (x after the student's whole layer i, the layer's
+    ``opts["batch"]`` windows. ``pos``: positions [T], or per window [N, T]. Returns (x after the student's whole layer i, the layer's
     relative MSE before/after)."""
     with torch.no_grad():
         n = student.attn_norm(i, x)
@@ -89,7 +91,8 @@ def calibrate_layer(teacher: TorchCausalLM, student: TorchCausalLM, i: int, x: t
     norm = target.pow(2).mean().clamp_min(1e-12)
 
     def loss_on(idx):
-        return (student.attention(i, n[idx], pos) - target[idx]).pow(2).mean() / norm
+        at = pos[idx] if pos.dim() == 2 else pos
+        return (student.attention(i, n[idx], at) - target[idx]).pow(2).mean() / norm
 
     everything = torch.arange(len(x), device=x.device)
     with torch.no_grad():
@@ -137,8 +140,14 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
     seq = opts["seq_len"]
     layer_set, e2e_set = window_sets(tok, {**settings, **e2e})  # both checked up front
     ids = calibration_windows(tok, **layer_set).to(dev)
+    # pos_skip = P > 0: half the windows PoSE-style over positions < P (skipped_positions)
+    longest = cfg.get("max_position_embeddings", cfg.get("n_positions", 0))
+    if opts.get("pos_skip", 0) > longest:
+        raise ConversionError(f"calibration pos_skip {opts['pos_skip']} exceeds the model's "
+                              f"{longest} positions")
+    pos = (skipped_positions(len(ids), seq, opts["pos_skip"]) if opts.get("pos_skip")
+           else torch.arange(seq)).to(dev)
     teacher = TorchCausalLM(*load_checkpoint(src)).to_device(dev)
-    pos = torch.arange(seq, device=dev)
 
     work = dst.parent / f".{dst.name}.calib"
     # the initial factors are part of the fingerprint: progress made from another init
@@ -188,6 +197,7 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
     report = {"recipe": "sequential layer-wise attention-output matching, QK only",
               "tokens": int(ids.numel()), "seq_len": seq, "chat_mix": opts["chat_mix"],
               **({"varied_mix": opts["varied_mix"]} if "varied_mix" in opts else {}),
+              **({"pos_skip": opts["pos_skip"]} if opts.get("pos_skip") else {}),
               "steps_per_layer": opts["steps"],
               "batch": opts["batch"], "lr": opts["lr"], "device": str(dev),
               "seconds": round(time.time() - t0, 1), "layers": losses}

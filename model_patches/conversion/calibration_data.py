@@ -157,3 +157,21 @@ def calibration_windows(tok, seq_len: int, n: int, chat_mix: float = 0.0,
     mixed = torch.cat(parts)
     order = torch.randperm(len(mixed), generator=torch.Generator().manual_seed(seed))
     return mixed[order]
+
+
+def skipped_positions(n: int, seq_len: int, max_position: int, seed: int = 0) -> torch.Tensor:
+    """[n, seq_len] positions for n calibration windows, PoSE-style (positional skip-wise
+    training, Zhu et al. 2023): odd windows keep 0..seq_len-1; each even window is cut at a
+    random c in [1, seq_len) and its tail moved by a random skip u in [0, max_position -
+    seq_len]: positions 0..c-1, then c+u..seq_len-1+u. Queries of the tail thus meet the
+    head's keys up to max_position - 1 back while each chunk stays contiguous text, so a
+    calibration on short windows also sees the relative distances of long contexts."""
+    if max_position < seq_len:
+        raise ConversionError(f"calibration pos_skip {max_position} is shorter than its "
+                              f"{seq_len}-token windows")
+    gen = torch.Generator().manual_seed(seed)
+    pos = torch.arange(seq_len).repeat(n, 1)
+    for w in range(0, n, 2):
+        cut = int(torch.randint(1, seq_len, (1,), generator=gen))
+        pos[w, cut:] += int(torch.randint(0, max_position - seq_len + 1, (1,), generator=gen))
+    return pos
