@@ -278,15 +278,17 @@ class TorchCausalLM(torch.nn.Module):
 
     # -------------------------------------------------------------- whole model
     def hidden_states(self, ids: torch.Tensor, cache: list | None = None,
-                      pos0: int | None = None, evict=None) -> torch.Tensor:
+                      pos0: int | None = None, evict=None,
+                      positions: torch.Tensor | None = None) -> torch.Tensor:
         """ids [B, T] -> final normed hidden states [B, T, hidden]. ``cache``: a list of
         per-layer (k, v) (see :meth:`attention`; S may differ per layer), read and extended in
         place. ``pos0``: position of ids[:, 0] (default: layer 0's S; larger after a
-        compacting eviction). ``evict=(policy, L)``: see :meth:`attention`."""
+        compacting eviction); ``positions`` ([T] or per row [B, T]) replaces pos0.. pos0+T-1.
+        ``evict=(policy, L)``: see :meth:`attention`."""
         b, t = ids.shape
         start = cache[0][0].shape[2] if cache else 0
         pos0 = start if pos0 is None else pos0
-        pos = torch.arange(pos0, pos0 + t, device=ids.device)
+        pos = torch.arange(pos0, pos0 + t, device=ids.device) if positions is None else positions
         x = self.embed(ids, pos)
         for i in range(self.n_layers):
             x = self.layer(i, x, pos, cache, evict)
@@ -298,11 +300,14 @@ class TorchCausalLM(torch.nn.Module):
             head = self.w["transformer.wte.weight" if self.gpt2 else "model.embed_tokens.weight"]
         return hidden @ head.T
 
-    def forward(self, ids: torch.Tensor, cache: list | None = None, evict=None) -> torch.Tensor:
-        """ids [B, T] -> logits [B, T, vocab]; ids [T] -> logits [T, vocab] (float32)."""
+    def forward(self, ids: torch.Tensor, cache: list | None = None, evict=None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """ids [B, T] -> logits [B, T, vocab]; ids [T] -> logits [T, vocab] (float32).
+        ``positions``: see :meth:`hidden_states`."""
         if ids.dim() == 1:
-            return self.forward(ids[None], cache, evict)[0]
-        return self.logits(self.hidden_states(ids, cache, evict=evict)).float()
+            return self.forward(ids[None], cache, evict, positions)[0]
+        return self.logits(self.hidden_states(ids, cache, evict=evict,
+                                              positions=positions)).float()
 
 
 def crop_cache(cache: list, length: int) -> list:

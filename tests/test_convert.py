@@ -215,28 +215,37 @@ def test_latent_calibration_trains_q_a_b_and_reduces_layer_error(sources, tmp_pa
 
 
 def test_pos_skip_calibration_sees_long_distances(sources, tmp_path, monkeypatch):
-    """pos_skip = P: the layer-wise stage gets per-window positions (skipped_positions), the
-    report records P, and a P beyond the model's positions fails before anything is written."""
-    from model_patches.conversion import calibrate
-    seen = []
-    real = calibrate.calibrate_layer
+    """pos_skip / e2e_pos_skip = P: both stages get per-window positions (skipped_positions),
+    the report records P, and a P outside window length .. the model's positions fails before
+    anything is written."""
+    from model_patches.conversion import calibrate, distill
+    seen, e2e_limits = [], []
+    real, real_positions = calibrate.calibrate_layer, distill.skipped_positions
 
     def spy(teacher, student, i, x, pos, *args, **kwargs):
         seen.append(pos.clone())
         return real(teacher, student, i, x, pos, *args, **kwargs)
+
+    def positions_spy(n, seq_len, limit, seed=0):
+        e2e_limits.append(limit)
+        return real_positions(n, seq_len, limit, seed)
     monkeypatch.setattr(calibrate, "calibrate_layer", spy)
-    cal = {"tokens": 8 * 64, "seq_len": 64, "steps": 3, "batch": 4, "pos_skip": 512}
+    monkeypatch.setattr(distill, "skipped_positions", positions_spy)
+    cal = {"tokens": 8 * 64, "seq_len": 64, "steps": 3, "batch": 4, "pos_skip": 512,
+           "e2e_steps": 1, "e2e_seq_len": 64, "e2e_batch": 2, "e2e_pos_skip": 256}
     s = convert(sources["llama"], tmp_path / "cal", key_rank=4, calibrate=True, calibration=cal,
                 **SMALL)
     assert len(seen) == 2 and all(p.shape == (8, 64) for p in seen)
-    assert seen[0].max() > 64 and seen[0].max() < 512
+    assert seen[0].max() > 64 and seen[0].max() < 512 and e2e_limits == [256]
     report = json.loads((s.dst / "config.json").read_text())["factored_keys"]["calibration"]
-    assert report["pos_skip"] == 512
+    assert report["pos_skip"] == 512 and report["e2e"]["pos_skip"] == 256
     longest = json.loads((sources["llama"] / "config.json").read_text())["max_position_embeddings"]
-    with pytest.raises(ConversionError, match=f"exceeds the model's {longest} positions"):
-        convert(sources["llama"], tmp_path / "far", key_rank=4, calibrate=True,
-                calibration={**cal, "pos_skip": longest + 1}, **SMALL)
-    assert not (tmp_path / "far").exists()
+    for bad in ({"pos_skip": longest + 1}, {"pos_skip": 32}, {"e2e_steps": 1, "e2e_seq_len": 64,
+                                                             "e2e_pos_skip": longest + 1}):
+        with pytest.raises(ConversionError, match=f"pos_skip .* is outside .*{longest}"):
+            convert(sources["llama"], tmp_path / "far", key_rank=4, calibrate=True,
+                    calibration={**cal, **bad}, **SMALL)
+        assert not (tmp_path / "far").exists()
 
 
 def test_attention_at_per_window_positions(sources, tmp_path):

@@ -67,6 +67,17 @@ def check_calibration(src: str | Path, settings: dict) -> None:
     window_sets(AutoTokenizer.from_pretrained(str(src)), settings)
 
 
+def check_pos_skip(cfg: dict, opts: dict) -> None:
+    """Raise ConversionError (one line) unless each stage's position limit (``pos_skip``,
+    ``e2e_pos_skip``; 0 or absent = contiguous positions) lies between its window length and
+    the model's positions."""
+    longest = cfg.get("max_position_embeddings", cfg.get("n_positions", 0))
+    for key, seq in (("pos_skip", "seq_len"), ("e2e_pos_skip", "e2e_seq_len")):
+        if opts.get(key) and not opts[seq] <= opts[key] <= longest:
+            raise ConversionError(f"calibration {key} {opts[key]} is outside {opts[seq]}.."
+                                  f"{longest} (its window length .. the model's positions)")
+
+
 def calibrate_layer(teacher: TorchCausalLM, student: TorchCausalLM, i: int, x: torch.Tensor,
                     pos: torch.Tensor, names: list[str], opts: dict,
                     freq_lr: float | None = None) -> tuple[torch.Tensor, dict]:
@@ -140,11 +151,8 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
     seq = opts["seq_len"]
     layer_set, e2e_set = window_sets(tok, {**settings, **e2e})  # both checked up front
     ids = calibration_windows(tok, **layer_set).to(dev)
+    check_pos_skip(cfg, {**opts, **E2E_DEFAULTS, **e2e})
     # pos_skip = P > 0: half the windows PoSE-style over positions < P (skipped_positions)
-    longest = cfg.get("max_position_embeddings", cfg.get("n_positions", 0))
-    if opts.get("pos_skip", 0) > longest:
-        raise ConversionError(f"calibration pos_skip {opts['pos_skip']} exceeds the model's "
-                              f"{longest} positions")
     pos = (skipped_positions(len(ids), seq, opts["pos_skip"]) if opts.get("pos_skip")
            else torch.arange(seq)).to(dev)
     teacher = TorchCausalLM(*load_checkpoint(src)).to_device(dev)

@@ -25,7 +25,8 @@ from transformers import AutoTokenizer
 from engine.checkpoint import FactoredKeysConfig
 from engine.torch_model import TorchCausalLM
 from engine.weights import load_checkpoint, load_state_dict
-from model_patches.conversion.calibration_data import calibration_windows, window_counts
+from model_patches.conversion.calibration_data import (calibration_windows, skipped_positions,
+                                                       window_counts)
 from model_patches.conversion.checkpoint_writer import write_factored
 from model_patches.text_sets import token_stream
 
@@ -88,7 +89,8 @@ def e2e_distill(src: str | Path, student_cfg: dict, overrides: dict[str, torch.T
                 ) -> tuple[dict[str, torch.Tensor], dict]:
     """End-to-end distillation (Llama family): minimise KL(teacher || student) of the
     next-token distributions on calibration windows (half chat, ``e2e_chat_mix``; a fraction
-    ``e2e_varied_mix`` from the varied texts when given), training
+    ``e2e_varied_mix`` from the varied texts when given; with ``e2e_pos_skip``, half of them
+    at PoSE-style positions, calibration_data.skipped_positions), training
     only the attention projections named in `trainable` (engine.torch_model.TorchCausalLM); the
     teacher is the source model, the student the source's tensors with `overrides` replacing
     theirs (read once for both). Progress is saved every `e2e_save_every` steps next to the
@@ -106,6 +108,10 @@ def e2e_distill(src: str | Path, student_cfg: dict, overrides: dict[str, torch.T
     tok = AutoTokenizer.from_pretrained(str(src))
     seq, bsz, steps = opts["e2e_seq_len"], opts["e2e_batch"], opts["e2e_steps"]
     windows = calibration_windows(tok, **e2e_window_set(tok, opts)).to(dev)
+    # e2e_pos_skip = P > 0: half the windows at PoSE-style positions < P (skipped_positions)
+    positions = (skipped_positions(len(windows), seq, opts["e2e_pos_skip"], seed=1)
+                 if opts.get("e2e_pos_skip") else torch.arange(seq).expand(len(windows), -1)
+                 ).to(dev)
     opt = torch.optim.Adam(params, lr=opts["e2e_lr"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     work = dst.parent / f".{dst.name}.calib"
@@ -129,10 +135,10 @@ def e2e_distill(src: str | Path, student_cfg: dict, overrides: dict[str, torch.T
                disable=not progress, initial=start, total=steps)
     for step in bar:
         idx = order[(torch.arange(bsz) + step * bsz) % len(windows)]
-        ids = windows[idx.to(dev)]
+        ids, at = windows[idx.to(dev)], positions[idx.to(dev)]
         with torch.no_grad():
-            t_logp = torch.log_softmax(teacher(ids).float(), -1)
-        s_logp = torch.log_softmax(student(ids).float(), -1)
+            t_logp = torch.log_softmax(teacher(ids, positions=at).float(), -1)
+        s_logp = torch.log_softmax(student(ids, positions=at).float(), -1)
         loss = F.kl_div(s_logp, t_logp, log_target=True, reduction="none").sum(-1).mean()
         opt.zero_grad()
         loss.backward()
@@ -148,6 +154,7 @@ def e2e_distill(src: str | Path, student_cfg: dict, overrides: dict[str, torch.T
               "device": str(dev), "steps": steps, "seq_len": seq, "batch": bsz, "lr": opts["e2e_lr"],
               "chat_mix": opts["e2e_chat_mix"],
               **({"varied_mix": opts["e2e_varied_mix"]} if "e2e_varied_mix" in opts else {}),
+              **({"pos_skip": opts["e2e_pos_skip"]} if opts.get("e2e_pos_skip") else {}),
               "tokens_seen": steps * seq * bsz, "seconds": round(time.time() - t0, 1),
               "kl_first": hist[:5], "kl_last": hist[-5:]}
     return student.trained_state(), report
