@@ -67,6 +67,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-varied-mix", type=float, default=None, metavar="F",
                    help="fraction of calibration windows taken from the varied texts (the Python "
                         "language reference and 1993 Usenet posts; default 0), in both stages")
+    p.add_argument("--calib-pos-skip", type=int, default=None, metavar="P",
+                   help="half the calibration windows at PoSE-style positions below P, so short "
+                        "windows also train distances up to P (both stages; 0 = off, the "
+                        "default; the shipped latent-r16 recipe uses the model's 8192)")
     p.add_argument("--learn-freq", action="store_true",
                    help="--calibrate also trains the thin pairs' rotary frequencies")
     p.add_argument("--e2e-steps", type=int, default=None, metavar="N",
@@ -100,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
                                      ("e2e_chat_mix", mix),
                                      ("varied_mix", args.calib_varied_mix),
                                      ("e2e_varied_mix", args.calib_varied_mix),
+                                     ("pos_skip", args.calib_pos_skip),
+                                     ("e2e_pos_skip", args.calib_pos_skip),
                                      ("e2e_steps", args.e2e_steps), ("e2e_lr", args.e2e_lr))
                    if v is not None}
     if args.learn_freq:

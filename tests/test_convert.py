@@ -309,6 +309,7 @@ def test_short_calibration_text_fails_before_any_stage_runs(sources, tmp_path, m
     (["--keys", "thin", "--key-rank", "4", "--latent-groups", "2"], "applies to --keys latent"),
     (["--key-rank", "4", "--calibrate", "--calib-varied-mix", "1.5"], "must be in [0, 1]"),
     (["--key-rank", "4", "--calibrate", "--calib-varied-mix", "0.75"], "exceed 1"),
+    (["--key-rank", "4", "--calibrate", "--calib-pos-skip", "100"], "pos_skip 100 is outside 256.."),
     # the end-to-end stage (every 256-token window of the calibration stream) asks for more
     # varied windows than the varied texts hold: refused before the layer-wise stage runs
     (["--key-rank", "4", "--calibrate", "--calib-chat-mix", "0", "--calib-varied-mix", "0.9",

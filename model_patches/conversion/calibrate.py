@@ -20,6 +20,7 @@ Runs on CUDA when available.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -63,8 +64,11 @@ def window_sets(tok, settings: dict) -> tuple[dict, dict | None]:
 
 def check_calibration(src: str | Path, settings: dict) -> None:
     """Raise ConversionError (one line) unless every calibration stage's window set under
-    `settings` can be built from `src`'s tokenizer (:func:`window_sets`)."""
+    `settings` can be built from `src`'s tokenizer (:func:`window_sets`) and its position
+    limits suit the model (:func:`check_pos_skip`)."""
     window_sets(AutoTokenizer.from_pretrained(str(src)), settings)
+    cfg = json.loads((Path(src) / "config.json").read_text())
+    check_pos_skip(cfg, {**DEFAULTS, **E2E_DEFAULTS, **settings})
 
 
 def check_pos_skip(cfg: dict, opts: dict) -> None:
@@ -151,7 +155,6 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
     seq = opts["seq_len"]
     layer_set, e2e_set = window_sets(tok, {**settings, **e2e})  # both checked up front
     ids = calibration_windows(tok, **layer_set).to(dev)
-    check_pos_skip(cfg, {**opts, **E2E_DEFAULTS, **e2e})
     # pos_skip = P > 0: half the windows PoSE-style over positions < P (skipped_positions)
     pos = (skipped_positions(len(ids), seq, opts["pos_skip"]) if opts.get("pos_skip")
            else torch.arange(seq)).to(dev)

@@ -48,10 +48,14 @@ KEY_FORMS = ("thin", "latent")
 # latent-r<R> (R = 8, 16, 32: the 87.5 / 75 / 50 % key-cache cuts): layer-wise on 128 windows
 # of 256 tokens, 200 steps of 16, then 40 end-to-end KL steps (~40 min on 2 CPU cores).
 LATENT_RECIPE = {"tokens": 128 * 256, "steps": 200, "batch": 16, "e2e_steps": 40, "e2e_lr": 2e-4}
+# both stages also at PoSE-style positions up to the model's 8,192 (calibrate.skipped_positions):
+# the same perplexity, long-range copying and passkey retrieval kept (docs/results/latent-ladder.md)
+LONG_RANGE = {"pos_skip": 8192, "e2e_pos_skip": 8192}
 RECIPES = {"thin-r16": {"tokens": 256 * 256, "steps": 300, "batch": 16, "e2e_steps": 60,
                         "e2e_lr": 2e-4},
            "thin-r32": {},
-           **{f"latent-r{r}": LATENT_RECIPE for r in (8, 16, 32)}}
+           **{f"latent-r{r}": LATENT_RECIPE for r in (8, 32)},
+           "latent-r16": {**LATENT_RECIPE, **LONG_RANGE}}
 REGENERATE = "make artifact VARIANT={v}"
 
 
