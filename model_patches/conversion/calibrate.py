@@ -13,9 +13,10 @@ Only the thin query/key projections are trained (values, output projection, norm
 keep the source's weights); the RoPE table of the thin dims stays the initialisation's.
 Then x_{l+1} = the student's full layer applied to x_l. Text: the calibration split of
 model_patches.text_sets (disjoint from evaluation), half of it as chat-template
-conversations (model_patches.conversion.calibration_data, ``chat_mix``). After each layer the progress is saved
-next to the destination (`.<dst>.calib/`), so an interrupted run resumes where it stopped.
-Runs on CUDA when available.
+conversations (model_patches.conversion.calibration_data, ``chat_mix``); with ``pos_skip``,
+half of the windows at PoSE-style positions (calibration_data.skipped_positions). After each
+layer the progress is saved next to the destination (`.<dst>.calib/`), so an interrupted run
+resumes where it stopped. Runs on CUDA when available.
 """
 
 from __future__ import annotations
@@ -91,8 +92,8 @@ def calibrate_layer(teacher: TorchCausalLM, student: TorchCausalLM, i: int, x: t
 
     over the student's tensors ``names`` (and, with ``freq_lr``, the layer's rotary
     frequencies, kept non-negative), Adam + cosine schedule, ``opts["steps"]`` steps of
-    ``opts["batch"]`` windows. ``pos``: positions [T], or per window [N, T]. Returns (x after the student's whole layer i, the layer's
-    relative MSE before/after)."""
+    ``opts["batch"]`` windows; ``pos``: positions [T], or per window [N, T]. Returns (x after
+    the student's whole layer i, the layer's relative MSE before/after)."""
     with torch.no_grad():
         n = student.attn_norm(i, x)
         target = teacher.attention(i, n, pos)
