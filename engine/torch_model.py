@@ -55,8 +55,7 @@ class RotaryKeys:
 
     def rotate(self, pos: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                up: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [B, T, H*r], k [B, T, H_kv*r] at positions pos [T] (or per row, [B, T]) ->
-        rotated q and k."""
+        """q [B, T, H*r], k [B, T, H_kv*r] at positions pos [T] or [B, T] -> rotated q, k."""
         if self.rope is None:
             return q, k
         b, t = q.shape[:2]
@@ -211,8 +210,8 @@ class TorchCausalLM(torch.nn.Module):
     def attention(self, i: int, n: torch.Tensor, pos: torch.Tensor, cache: list | None = None,
                   evict=None) -> torch.Tensor:
         """Layer i's attention on normed input n [B, T, hidden] at positions pos [T] (or per
-        row, [B, T]) -> the block's output [B, T, hidden] (after W_o). ``cache``: list of per-layer (k, v)
-        ([B, H_kv, S, r] as cached, [B, H_kv, S, D]), read and extended in place.
+        row, [B, T]) -> the block's output [B, T, hidden] (after W_o). ``cache``: list of
+        per-layer (k, v) ([B, H_kv, S, r] as cached, [B, H_kv, S, D]), extended in place.
         ``evict=(policy, L)``: query rows at cache index >= L see only the prompt keys
         (index < L) that ``policy.keep_mask`` keeps, per KV head (latent keys: per layer),
         plus every key >= L."""
@@ -285,10 +284,9 @@ class TorchCausalLM(torch.nn.Module):
         place. ``pos0``: position of ids[:, 0] (default: layer 0's S; larger after a
         compacting eviction); ``positions`` ([T] or per row [B, T]) replaces pos0.. pos0+T-1.
         ``evict=(policy, L)``: see :meth:`attention`."""
-        b, t = ids.shape
-        start = cache[0][0].shape[2] if cache else 0
-        pos0 = start if pos0 is None else pos0
-        pos = torch.arange(pos0, pos0 + t, device=ids.device) if positions is None else positions
+        if (pos := positions) is None:
+            pos0 = (cache[0][0].shape[2] if cache else 0) if pos0 is None else pos0
+            pos = torch.arange(pos0, pos0 + ids.shape[1], device=ids.device)
         x = self.embed(ids, pos)
         for i in range(self.n_layers):
             x = self.layer(i, x, pos, cache, evict)
@@ -306,8 +304,7 @@ class TorchCausalLM(torch.nn.Module):
         ``positions``: see :meth:`hidden_states`."""
         if ids.dim() == 1:
             return self.forward(ids[None], cache, evict, positions)[0]
-        return self.logits(self.hidden_states(ids, cache, evict=evict,
-                                              positions=positions)).float()
+        return self.logits(self.hidden_states(ids, cache, None, evict, positions)).float()
 
 
 def crop_cache(cache: list, length: int) -> list:

@@ -186,21 +186,26 @@ def test_default_server_live_usage_per_user(default_server):
     prompt = "Tell me a long story about a lighthouse keeper. " * 20
     seen: dict = {}
     samples: list[dict] = []
-    started = threading.Event()
+    started, done = threading.Event(), threading.Event()
     chunks: list[int] = []
     errors: list[BaseException] = []
 
     def stream():
+        # long enough to outlast the polling on a slow, shared machine (CI once streamed all
+        # of a 120-token answer during one poll); closed as soon as the gauges have shown it
         try:
-            for i, _ in enumerate(client.completions.create(
-                    model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=120, stream=True,
-                    extra_body={"ignore_eos": True})):
-                chunks.append(i)
-                if i == 2:
-                    started.set()
+            with client.completions.create(
+                    model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=1500, stream=True,
+                    extra_body={"ignore_eos": True}) as response:
+                for i, _ in enumerate(response):
+                    chunks.append(i)
+                    if i == 2:
+                        started.set()
+                    if done.is_set():
+                        break
         except BaseException as e:  # surfaced in the assertion message below
             errors.append(e)
-            started.set()
+        started.set()
 
     t = threading.Thread(target=stream, daemon=True)
     t.start()
@@ -212,6 +217,7 @@ def test_default_server_live_usage_per_user(default_server):
         if live["running_users"] >= 1 and live["kv_usage_ratio"] > 0:
             seen = live
         time.sleep(0.05)
+    done.set()
     t.join(120)
     assert seen, (f"the running request never showed in /v1/kv-cache: {len(samples)} polls, "
                   f"last {samples[-1:]}, {len(chunks)} chunks streamed, errors {errors}")
