@@ -61,6 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="optimizer steps per layer for --calibrate")
     p.add_argument("--calib-batch", type=int, default=None, metavar="N",
                    help="windows of 256 tokens per optimizer step for --calibrate (default 8)")
+    p.add_argument("--calib-lr", type=float, default=None, metavar="LR",
+                   help="Adam learning rate of the layer-wise calibration (default 2e-3)")
     p.add_argument("--calib-chat-mix", type=float, default=None, metavar="F",
                    help="fraction of calibration windows that are chat-template conversations "
                         "built from the calibration articles (default 0.5; 0 = prose only)")
@@ -98,9 +100,12 @@ def run(args: argparse.Namespace) -> int:
                     ("--calib-steps", args.calib_steps)):
         if v is not None and v < 1:
             raise CLIError(f"{flag} must be at least 1, got {v}")
+    if args.calib_lr is not None and not args.calib_lr > 0:
+        raise CLIError(f"--calib-lr must be positive, got {args.calib_lr}")
     mix = args.calib_chat_mix
     calibration = {k: v for k, v in (("tokens", args.calib_tokens), ("steps", args.calib_steps),
-                                     ("batch", args.calib_batch), ("chat_mix", mix),
+                                     ("batch", args.calib_batch), ("lr", args.calib_lr),
+                                     ("chat_mix", mix),
                                      ("e2e_chat_mix", mix),
                                      ("varied_mix", args.calib_varied_mix),
                                      ("e2e_varied_mix", args.calib_varied_mix),

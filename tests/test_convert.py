@@ -198,12 +198,13 @@ def test_calibration_reduces_layer_error_and_resumes(sources, tmp_path):
 
 
 def test_latent_calibration_trains_q_a_b_and_reduces_layer_error(sources, tmp_path):
-    cal = {"tokens": 8 * 64, "seq_len": 64, "steps": 20, "batch": 4}
+    cal = {"tokens": 8 * 64, "seq_len": 64, "steps": 20, "batch": 4, "lr": 3e-3}
     init = convert(sources["llama"], tmp_path / "init", key_rank=4, **SMALL).dst
     s = convert(sources["llama"], tmp_path / "cal", key_rank=4, calibrate=True, calibration=cal,
                 **SMALL)
     block = json.loads((s.dst / "config.json").read_text())["factored_keys"]
     assert block["method"] == "latent-pca+calibrated" and block["key_mode"] == "latent"
+    assert block["calibration"]["lr"] == 3e-3
     assert all(x["relative_mse_after"] < x["relative_mse_before"]
                for x in block["calibration"]["layers"])
     a, b = TorchCausalLM.from_dir(init).w, TorchCausalLM.from_dir(s.dst).w
@@ -310,6 +311,8 @@ def test_short_calibration_text_fails_before_any_stage_runs(sources, tmp_path, m
     (["--key-rank", "4", "--calibrate", "--calib-varied-mix", "1.5"], "must be in [0, 1]"),
     (["--key-rank", "4", "--calibrate", "--calib-varied-mix", "0.75"], "exceed 1"),
     (["--key-rank", "4", "--calibrate", "--calib-pos-skip", "100"], "pos_skip 100 is outside 256.."),
+    (["--key-rank", "4", "--calibrate", "--calib-lr", "0"], "--calib-lr must be positive"),
+    (["--key-rank", "4", "--calib-lr", "1e-3"], "need --calibrate"),
     # the end-to-end stage (every 256-token window of the calibration stream) asks for more
     # varied windows than the varied texts hold: refused before the layer-wise stage runs
     (["--key-rank", "4", "--calibrate", "--calib-chat-mix", "0", "--calib-varied-mix", "0.9",
@@ -358,3 +361,25 @@ def test_source_without_or_with_a_foreign_tokenizer(tmp_path, default_model_dir)
         for f in TOKENIZER_FILES:                      # second round: a foreign tokenizer
             if (default_model_dir / f).exists():
                 shutil.copy(default_model_dir / f, src / f)
+
+
+def test_cli_calibration_flags_reach_the_calibration(monkeypatch, tmp_path):
+    """The --calib-* flags become the calibration settings convert() receives (the lr, batch,
+    steps and positions of the shipped recipes are set this way)."""
+    from model_patches.conversion import convert as convert_module
+    from server.cli import main
+    seen = {}
+
+    def fake(src, dst, **kw):
+        seen.update(kw)
+        raise ConversionError("stop here")
+    monkeypatch.setattr(convert_module, "convert", fake)
+    with pytest.raises(SystemExit) as stop:
+        main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--key-rank", "16",
+              "--calibrate", "--calib-tokens", "65536", "--calib-steps", "800", "--calib-batch",
+              "4", "--calib-lr", "3e-3", "--calib-pos-skip", "8192", "--e2e-steps", "40",
+              "--e2e-lr", "2e-4"])
+    assert stop.value.code == 2
+    assert seen["calibration"] == {"tokens": 65536, "steps": 800, "batch": 4, "lr": 3e-3,
+                                   "pos_skip": 8192, "e2e_pos_skip": 8192, "e2e_steps": 40,
+                                   "e2e_lr": 2e-4}
