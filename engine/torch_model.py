@@ -217,12 +217,8 @@ class TorchCausalLM(torch.nn.Module):
         plus every key >= L."""
         b, t, _ = n.shape
         p, keys = self.prefix(i), self.keys[i]
-        q, k = keys.rotate(pos, self._lin(n, f"{p}.q_proj"), self._lin(n, f"{p}.k_proj"),
-                           self.w.get(f"{p}.k_up_proj.weight"))
-        v = self._lin(n, f"{p}.v_proj")
-        q = q.view(b, t, self.h, keys.dims).transpose(1, 2)
-        k = k.view(b, t, self.h_kv, keys.dims).transpose(1, 2)
-        v = v.view(b, t, self.h_kv, self.d).transpose(1, 2)
+        q, k = self._rotated_qk(i, n, pos)
+        v = self._lin(n, f"{p}.v_proj").view(b, t, self.h_kv, self.d).transpose(1, 2)
         if cache is not None:
             if len(cache) > i:
                 k, v = torch.cat((cache[i][0], k), 2), torch.cat((cache[i][1], v), 2)
@@ -243,6 +239,26 @@ class TorchCausalLM(torch.nn.Module):
         if self.gpt2:
             return self._conv1d(o, f"{p}.c_proj")
         return self._lin(o, f"{p}.o_proj")
+
+    def _rotated_qk(self, i: int, n: torch.Tensor, pos: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's rotated queries [B, H, T, D'] and keys [B, H_kv, T, D'] of normed n."""
+        b, t, _ = n.shape
+        p, keys = self.prefix(i), self.keys[i]
+        q, k = keys.rotate(pos, self._lin(n, f"{p}.q_proj"), self._lin(n, f"{p}.k_proj"),
+                           self.w.get(f"{p}.k_up_proj.weight"))
+        return (q.view(b, t, self.h, keys.dims).transpose(1, 2),
+                k.view(b, t, self.h_kv, keys.dims).transpose(1, 2))
+
+    def attention_probs(self, i: int, n: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Layer i's causal attention probabilities [B, H, T, T] on normed input n [B, T,
+        hidden] at positions pos (no cache): softmax(scale · q_h · k_g(h)) over keys 0..t."""
+        q, k = self._rotated_qk(i, n, pos)
+        k = k.repeat_interleave(self.h // self.h_kv, dim=1)
+        t = q.shape[2]
+        causal = torch.ones(t, t, dtype=torch.bool, device=n.device).tril()
+        return ((q @ k.transpose(-1, -2)) * self.scale).masked_fill(~causal, float("-inf")
+                                                                    ).softmax(-1)
 
     def _mask(self, t: int, total: int, device, keep: torch.Tensor | None,
               keep_from: int | None) -> torch.Tensor | None:

@@ -383,3 +383,28 @@ def test_cli_calibration_flags_reach_the_calibration(monkeypatch, tmp_path):
     assert seen["calibration"] == {"tokens": 65536, "steps": 800, "batch": 4, "lr": 3e-3,
                                    "pos_skip": 8192, "e2e_pos_skip": 8192, "e2e_steps": 40,
                                    "e2e_lr": 2e-4}
+
+
+def test_long_range_weights_mark_rows_that_attend_far_back(sources, tmp_path):
+    """1 + s · (largest per-head attention share on keys >= distance back, sink excluded):
+    rows with no such key weigh exactly 1, the rest lie in [1, 1 + s]; with it the layer-wise
+    calibration still trains and reports the setting."""
+    from model_patches.conversion.calibrate import long_range_weights
+    m = TorchCausalLM.from_dir(sources["llama"])
+    ids = torch.randint(0, m.w["model.embed_tokens.weight"].shape[0], (3, 40),
+                        generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(40)
+    n = m.attn_norm(1, m.embed(ids, pos))
+    w = long_range_weights(m, 1, n, pos, strength=4.0, distance=8, chunk=2)
+    probs = m.attention_probs(1, n, pos)
+    torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs[..., 0]))
+    assert w.shape == (3, 40) and torch.all(w[:, :9] == 1)          # rows 0..8: only the sink
+    assert torch.all(w[:, 9:] > 1) and torch.all(w <= 5)
+    expect = 1 + 4 * probs[1, :, 20, 1:13].sum(-1).max()             # row 20: keys 1..12
+    torch.testing.assert_close(w[1, 20], expect)
+    cal = {"tokens": 8 * 64, "seq_len": 64, "steps": 10, "batch": 4, "retrieval_weight": 4.0}
+    s = convert(sources["llama"], tmp_path / "cal", key_rank=4, calibrate=True, calibration=cal,
+                **SMALL)
+    report = json.loads((s.dst / "config.json").read_text())["factored_keys"]["calibration"]
+    assert report["retrieval_weight"] == 4.0 and report["retrieval_distance"] == 64
+    assert all(x["relative_mse_after"] < x["relative_mse_before"] for x in report["layers"])

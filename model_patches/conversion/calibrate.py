@@ -83,6 +83,21 @@ def check_pos_skip(cfg: dict, opts: dict) -> None:
                                   f"{longest} (its window length .. the model's positions)")
 
 
+def long_range_weights(teacher: TorchCausalLM, i: int, n: torch.Tensor, pos: torch.Tensor,
+                       strength: float, distance: int, chunk: int = 16) -> torch.Tensor:
+    """[N, T] per-query-row loss weights 1 + strength · m, m = the largest share, over layer
+    i's heads, of the teacher's attention on keys at least ``distance`` positions back (the
+    window's first token, the attention sink, left out): rows that retrieve from far back."""
+    out = []
+    for s in range(0, len(n), chunk):
+        at = pos[s:s + chunk] if pos.dim() == 2 else pos.expand(len(n[s:s + chunk]), -1)
+        probs = teacher.attention_probs(i, n[s:s + chunk], at)                  # [B, H, T, T]
+        far = (at[:, :, None] - at[:, None, :]) >= distance                     # [B, T, T]
+        far[:, :, 0] = False
+        out.append(1 + strength * (probs * far[:, None]).sum(-1).amax(1))
+    return torch.cat(out)
+
+
 def calibrate_layer(teacher: TorchCausalLM, student: TorchCausalLM, i: int, x: torch.Tensor,
                     pos: torch.Tensor, names: list[str], opts: dict,
                     freq_lr: float | None = None) -> tuple[torch.Tensor, dict]:
@@ -92,11 +107,18 @@ def calibrate_layer(teacher: TorchCausalLM, student: TorchCausalLM, i: int, x: t
 
     over the student's tensors ``names`` (and, with ``freq_lr``, the layer's rotary
     frequencies, kept non-negative), Adam + cosine schedule, ``opts["steps"]`` steps of
-    ``opts["batch"]`` windows; ``pos``: positions [T], or per window [N, T]. Returns (x after
-    the student's whole layer i, the layer's relative MSE before/after)."""
+    ``opts["batch"]`` windows; ``pos``: positions [T], or per window [N, T]. With
+    ``opts["retrieval_weight"]`` = s > 0 each query row's error is weighted by
+    :func:`long_range_weights` (distance ``opts["retrieval_distance"]``, default 64) in the
+    training loss. Returns (x after the student's whole layer i, the layer's unweighted
+    relative MSE before/after)."""
     with torch.no_grad():
         n = student.attn_norm(i, x)
         target = teacher.attention(i, n, pos)
+        strength = opts.get("retrieval_weight", 0)
+        weight = (long_range_weights(teacher, i, n, pos, strength,
+                                     opts.get("retrieval_distance", 64))
+                  if strength else torch.ones(target.shape[:2], device=x.device))
     groups = [{"params": student.make_trainable(names)}]
     freq = student.keys[i].rope.inv_freq if freq_lr is not None else None
     if freq is not None:
@@ -105,16 +127,19 @@ def calibrate_layer(teacher: TorchCausalLM, student: TorchCausalLM, i: int, x: t
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, opts["steps"])
     gen = torch.Generator().manual_seed(i)
     norm = target.pow(2).mean().clamp_min(1e-12)
+    weighted_norm = (target.pow(2).mean(-1) * weight).mean().clamp_min(1e-12)
 
-    def loss_on(idx):
+    def loss_on(idx, weighted=False):
         at = pos[idx] if pos.dim() == 2 else pos
-        return (student.attention(i, n[idx], at) - target[idx]).pow(2).mean() / norm
+        err = (student.attention(i, n[idx], at) - target[idx]).pow(2).mean(-1)     # [B, T]
+        return (err * weight[idx]).mean() / weighted_norm if weighted else err.mean() / norm
 
     everything = torch.arange(len(x), device=x.device)
     with torch.no_grad():
         before = loss_on(everything).item()
     for _ in range(opts["steps"]):
-        loss = loss_on(torch.randperm(len(x), generator=gen)[: opts["batch"]].to(x.device))
+        loss = loss_on(torch.randperm(len(x), generator=gen)[: opts["batch"]].to(x.device),
+                       weighted=True)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -210,6 +235,8 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
               "tokens": int(ids.numel()), "seq_len": seq, "chat_mix": opts["chat_mix"],
               **({"varied_mix": opts["varied_mix"]} if "varied_mix" in opts else {}),
               **({"pos_skip": opts["pos_skip"]} if opts.get("pos_skip") else {}),
+              **({k: opts.get(k, 64) for k in ("retrieval_weight", "retrieval_distance")}
+                 if opts.get("retrieval_weight") else {}),
               "steps_per_layer": opts["steps"],
               "batch": opts["batch"], "lr": opts["lr"], "device": str(dev),
               "seconds": round(time.time() - t0, 1), "layers": losses}
