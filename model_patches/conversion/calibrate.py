@@ -85,16 +85,17 @@ def check_pos_skip(cfg: dict, opts: dict) -> None:
 
 def long_range_weights(teacher: TorchCausalLM, i: int, n: torch.Tensor, pos: torch.Tensor,
                        strength: float, distance: int, chunk: int = 16) -> torch.Tensor:
-    """[N, T] per-query-row loss weights 1 + strength · m, m = the largest share, over layer
-    i's heads, of the teacher's attention on keys at least ``distance`` positions back (the
-    window's first token, the attention sink, left out): rows that retrieve from far back."""
+    """[N, T] per-query-row loss weights 1 + strength · m, m = the largest attention
+    probability the teacher's layer i gives, in any head, to one key at least ``distance``
+    positions back (the window's first token, the attention sink, left out): rows that
+    retrieve one token from far back weigh up to 1 + strength, diffuse rows (m ~ 1/T) ~1."""
     out = []
     for s in range(0, len(n), chunk):
         at = pos[s:s + chunk] if pos.dim() == 2 else pos.expand(len(n[s:s + chunk]), -1)
         probs = teacher.attention_probs(i, n[s:s + chunk], at)                  # [B, H, T, T]
         far = (at[:, :, None] - at[:, None, :]) >= distance                     # [B, T, T]
         far[:, :, 0] = False
-        out.append(1 + strength * (probs * far[:, None]).sum(-1).amax(1))
+        out.append(1 + strength * (probs * far[:, None]).amax((1, 3)))
     return torch.cat(out)
 
 
