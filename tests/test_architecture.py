@@ -26,6 +26,9 @@ LINE_LIMIT = 330
 LONG_MODULES: dict[str, str] = {
     "server/guards.py": "one ASGI middleware with one per-request contract (access, body size, "
                         "bad JSON, overload, drain, error shape) that reads top to bottom",
+    "engine/torch_model.py": "the one plain-torch attention model (full, thin and latent keys, "
+                             "KV cache, eviction masks, attention probabilities) that every "
+                             "reference, calibration and evaluation shares",
 }
 
 
