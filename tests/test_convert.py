@@ -408,3 +408,29 @@ def test_long_range_weights_mark_rows_that_attend_far_back(sources, tmp_path):
     report = json.loads((s.dst / "config.json").read_text())["factored_keys"]["calibration"]
     assert report["retrieval_weight"] == 4.0 and report["retrieval_distance"] == 64
     assert all(x["relative_mse_after"] < x["relative_mse_before"] for x in report["layers"])
+
+
+def test_key_proj_lr_scale_slows_only_the_latent_projection(sources, tmp_path):
+    """key_proj_lr_scale = s: the layer-wise stage trains A (k_proj) at s x lr, W_q and B at
+    lr: at s = 0 A stays at its PCA start exactly while W_q and B move; at s = 0.1 A moves,
+    less than at s = 1."""
+    from engine.weights import load_checkpoint
+    from model_patches.conversion.calibrate import calibrate_layer
+    init = convert(sources["llama"], tmp_path / "init", key_rank=4, keys="latent", **SMALL).dst
+    teacher = TorchCausalLM.from_dir(sources["llama"])
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(32)
+    p = "model.layers.1.self_attn"
+    names = [f"{p}.q_proj.weight", f"{p}.k_proj.weight", f"{p}.k_up_proj.weight"]
+    moved = {}
+    for scale in (0.0, 0.1, 1.0):
+        cfg, state = load_checkpoint(init)
+        student = TorchCausalLM(cfg, state)
+        x = student.embed(ids, pos).detach()
+        opts = {"steps": 5, "batch": 2, "lr": 1e-2, "key_proj_lr_scale": scale}
+        calibrate_layer(teacher, student, 1, x, pos, names, opts)
+        moved[scale] = {n: (student.w[n].detach() - state[n].float()).abs().max().item()
+                        for n in names}
+    assert moved[0.0][names[1]] == 0.0
+    assert moved[0.0][names[0]] > 0 and moved[0.0][names[2]] > 0
+    assert 0 < moved[0.1][names[1]] < moved[1.0][names[1]]

@@ -207,6 +207,13 @@ def test_report_lists_every_variant(tmp_path, tiny):
     assert "factorkv eval --x" in text and "| thin | rotary-pair-subset | 8 | 50% | 11.000 | +10.0% |" in text
     assert "100% (2)" in text and "a\\|b" in text and "0.00e+00" in text
     assert "Perplexity on news" not in text         # results cached before the news text existed
+    assert "Teacher-forced" not in text             # results cached before it was scored
+    metrics["original"]["passkey-forced/len300/n2/seed0"] = {"retrieved": 0.5, "key_nll": 1.25,
+                                                            "n": 2, "seconds": 2}
+    write_report(out, ["original", "thin"], {"original": src, "thin": thin}, metrics, opts,
+                 "factorkv eval --x", 60.0)
+    text = out.read_text()
+    assert "| original | 50% / 1.250 |" in text and "| original | – | 1 s | 3 s | 1 s |" in text
     # with the news text: its own section, and its timing column ("–" where not computed)
     metrics["original"]["ppl-news/ctx64/tokens64"] = ppl(20.0)
     metrics["thin"]["ppl-news/ctx64/tokens64"] = ppl(25.0)
@@ -266,6 +273,14 @@ def test_evaluate_variant_scores_each_text_once(tmp_path, default_model_dir):
     copy = m["copy/wiki/len192/n2"]
     assert copy["tokens_scored"] == 2 * 31 and copy["nll"] > 0 and 0 <= copy["top1"] <= 1
     assert "copy/news/len192/n2" not in m and "[eval] v copy wiki @192: NLL" in logs[-1]
+    m = evaluate_variant("v", src, tmp_path, tok, {**opts, "passkey_n": {"v": 2},
+                                                   "passkey_lengths": [160],
+                                                   "passkey_engine": "torch"}, logs.append)
+    prompts = E.passkey_prompts(tok, 160, 2, 0)
+    want = E.passkey_forced(TorchCausalLM.from_dir(src).eval(), tok, prompts)
+    got = m["passkey-forced/len160/n2/seed0"]
+    assert got["rows"] == want["rows"] and got["key_nll"] == want["key_nll"] > 0
+    assert m["passkey/len160/n2/seed0/torch"]["n"] == 2 and "teacher-forced" in logs[-1]
 
 
 @pytest.mark.slow

@@ -46,6 +46,8 @@ from model_patches.text_sets import token_stream
 # "varied_mix" setting (not a default) takes that fraction from the varied texts instead.
 DEFAULTS = {"tokens": 64 * 256, "seq_len": 256, "steps": 150, "batch": 8, "lr": 2e-3,
             "chat_mix": 0.5}
+# retrieval_weight's default distance: a key this many positions back counts as far
+RETRIEVAL_DISTANCE = 64
 
 
 def window_sets(tok, settings: dict) -> tuple[dict, dict | None]:
@@ -91,8 +93,9 @@ def long_range_weights(teacher: TorchCausalLM, i: int, n: torch.Tensor, pos: tor
     retrieve one token from far back weigh up to 1 + strength, diffuse rows (m ~ 1/T) ~1."""
     out = []
     for s in range(0, len(n), chunk):
-        at = pos[s:s + chunk] if pos.dim() == 2 else pos.expand(len(n[s:s + chunk]), -1)
-        probs = teacher.attention_probs(i, n[s:s + chunk], at)                  # [B, H, T, T]
+        rows = n[s:s + chunk]
+        at = pos[s:s + chunk] if pos.dim() == 2 else pos.expand(len(rows), -1)
+        probs = teacher.attention_probs(i, rows, at)                            # [B, H, T, T]
         far = (at[:, :, None] - at[:, None, :]) >= distance                     # [B, T, T]
         far[:, :, 0] = False
         out.append(1 + strength * (probs * far[:, None]).amax((1, 3)))
@@ -108,19 +111,26 @@ def calibrate_layer(teacher: TorchCausalLM, student: TorchCausalLM, i: int, x: t
 
     over the student's tensors ``names`` (and, with ``freq_lr``, the layer's rotary
     frequencies, kept non-negative), Adam + cosine schedule, ``opts["steps"]`` steps of
-    ``opts["batch"]`` windows; ``pos``: positions [T], or per window [N, T]. With
-    ``opts["retrieval_weight"]`` = s > 0 each query row's error is weighted by
-    :func:`long_range_weights` (distance ``opts["retrieval_distance"]``, default 64) in the
-    training loss. Returns (x after the student's whole layer i, the layer's unweighted
-    relative MSE before/after)."""
+    ``opts["batch"]`` windows; ``pos``: positions [T], or per window [N, T]; the key
+    projection (``k_proj``: A for latent keys) at ``opts["key_proj_lr_scale"]`` (default 1)
+    times the learning rate. With ``opts["retrieval_weight"]`` = s > 0 each query row's error
+    is weighted by :func:`long_range_weights` (distance ``opts["retrieval_distance"]``,
+    default RETRIEVAL_DISTANCE) in the training loss. Returns (x after the student's whole
+    layer i, the layer's unweighted relative MSE before/after)."""
     with torch.no_grad():
         n = student.attn_norm(i, x)
         target = teacher.attention(i, n, pos)
         strength = opts.get("retrieval_weight", 0)
         weight = (long_range_weights(teacher, i, n, pos, strength,
-                                     opts.get("retrieval_distance", 64))
+                                     opts.get("retrieval_distance", RETRIEVAL_DISTANCE))
                   if strength else torch.ones(target.shape[:2], device=x.device))
-    groups = [{"params": student.make_trainable(names)}]
+    # key_proj_lr_scale: the key projection (A for latent keys) at lr x scale, the rest at lr
+    scale = opts.get("key_proj_lr_scale", 1.0)
+    params = dict(zip(names, student.make_trainable(names)))
+    slow = {n for n in params if n.endswith("k_proj.weight")} if scale != 1.0 else set()
+    groups = [{"params": [p for n, p in params.items() if n not in slow]}]
+    if slow:
+        groups.append({"params": [params[n] for n in slow], "lr": opts["lr"] * scale})
     freq = student.keys[i].rope.inv_freq if freq_lr is not None else None
     if freq is not None:
         groups.append({"params": [freq], "lr": freq_lr})
@@ -236,8 +246,11 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
               "tokens": int(ids.numel()), "seq_len": seq, "chat_mix": opts["chat_mix"],
               **({"varied_mix": opts["varied_mix"]} if "varied_mix" in opts else {}),
               **({"pos_skip": opts["pos_skip"]} if opts.get("pos_skip") else {}),
-              **({k: opts.get(k, 64) for k in ("retrieval_weight", "retrieval_distance")}
+              **({"retrieval_weight": opts["retrieval_weight"], "retrieval_distance":
+                  opts.get("retrieval_distance", RETRIEVAL_DISTANCE)}
                  if opts.get("retrieval_weight") else {}),
+              **({"key_proj_lr_scale": opts["key_proj_lr_scale"]}
+                 if "key_proj_lr_scale" in opts else {}),
               "steps_per_layer": opts["steps"],
               "batch": opts["batch"], "lr": opts["lr"], "device": str(dev),
               "seconds": round(time.time() - t0, 1), "layers": losses}

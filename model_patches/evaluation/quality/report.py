@@ -264,6 +264,23 @@ def write_report(path: Path, variants: list[str], ckpts: dict[str, Path],
                 cells.append(f"{100 * m['accuracy']:.0f}% ({m['n']})" if m else "–")
             L.append(f"| {v} | " + " | ".join(cells) + " |")
         L.append("")
+        forced = {v: [metrics[v].get(f"passkey-forced/len{n}/n{opts['passkey_n'][v]}/seed"
+                                     f"{opts['seed']}") for n in opts["passkey_lengths"]]
+                  for v in pk_vars}
+        if any(m for cells in forced.values() for m in cells):
+            L += ["Teacher-forced (`model_patches.evaluation.tasks.passkey_forced`, plain torch): "
+                  "the same prompts followed by the key; *retrieved* when at every digit the "
+                  "likeliest of the ten digits is the key's, and the key digits' NLL (nats, "
+                  "summed per prompt, mean over prompts). Greedy accuracy also scores whether the "
+                  "model answers with a number at all; this scores only which number.", "",
+                  "| variant | " + " | ".join(f"retrieved / key NLL @{n} tokens" for n in
+                                             opts["passkey_lengths"]) + " |",
+                  "|---|" + "---:|" * len(opts["passkey_lengths"])]
+            for v in pk_vars:
+                L.append(f"| {v} | " + " | ".join(
+                    f"{100 * m['retrieved']:.0f}% / {m['key_nll']:.3f}" if m else "–"
+                    for m in forced[v]) + " |")
+            L.append("")
     # chat
     chat_vars = [v for v in variants if metrics[v].get("chat/v1")]
     if chat_vars:
@@ -293,7 +310,7 @@ def write_report(path: Path, variants: list[str], ckpts: dict[str, Path],
             cal = f"{info['calib_seconds']:.0f} s"
             if info["e2e"]:
                 cal += f" + e2e {info['e2e']['seconds']:.0f} s"
-        pk = sum(x.get("seconds", 0) for k, x in m.items() if k.startswith("passkey/"))
+        pk = sum(x.get("seconds", 0) for k, x in m.items() if k.startswith(("passkey/", "passkey-forced/")))
         L.append(f"| {v} | {cal} | " + " | ".join(
             f"{m[ppl_key(t, c, n_tok)]['seconds']:.0f} s" if ppl_key(t, c, n_tok) in m else "–"
             for t in texts for c in ctxs)

@@ -3,7 +3,8 @@
 :func:`evaluate_variant` computes what the variant's result cache
 (model_patches.evaluation.results_cache.Results, ``<work>/results/<variant>.json``) lacks:
 perplexity on each held-out text (``opts["texts"]``: wiki, news) at each context, passkey
-accuracy (through vLLM or torch), greedy chat answers and, for one variant, the perplexity
+accuracy (greedy, through vLLM or torch; teacher-forced retrieval and the key's NLL, torch),
+greedy chat answers and, for one variant, the perplexity
 (Wikipedia) recomputed through the vLLM engine. :func:`run_benchmark`
 builds the variants (variants.resolve_variant), evaluates them and writes the report.
 """
@@ -89,6 +90,17 @@ def evaluate_variant(name: str, ckpt: Path, root: Path, tok, opts: dict, log=pri
             out["seconds"] = round(time.time() - t0, 1)
             res.put(key, out)
         log(f"[eval] {name} passkey {length}: {res.get(key)['accuracy']:.2%} of {n_pk}")
+        forced = f"passkey-forced/len{length}/n{n_pk}/seed{opts['seed']}"
+        if res.get(forced) is None:       # the same prompts, the key teacher-forced (torch)
+            prompts = E.passkey_prompts(tok, length, n_pk, opts["seed"])
+            t0 = time.time()
+            with tqdm(total=n_pk, desc=f"{name} passkey {length} forced", unit="prompt",
+                      disable=not opts["progress"]) as bar:
+                out = E.passkey_forced(get_model(), tok, prompts, progress=bar)
+            res.put(forced, {**out, "seconds": round(time.time() - t0, 1)})
+        m = res.get(forced)
+        log(f"[eval] {name} passkey {length} teacher-forced: {m['retrieved']:.2%} retrieved, "
+            f"key NLL {m['key_nll']:.3f}")
     if name in opts["chat"] and res.get("chat/v1") is None:
         t0 = time.time()
         res.put("chat/v1", {"answers": E.greedy_chat(get_model(), tok),
