@@ -250,6 +250,14 @@ class TorchCausalLM(torch.nn.Module):
         return (q.view(b, t, self.h, keys.dims).transpose(1, 2),
                 k.view(b, t, self.h_kv, keys.dims).transpose(1, 2))
 
+    def pre_rope_keys(self, i: int, n: torch.Tensor) -> torch.Tensor:
+        """Layer i's keys before rotation [B, T, H_kv·D'] of normed n: W_k n (+b), for latent
+        keys reconstructed, B (A n)."""
+        p, keys = self.prefix(i), self.keys[i]
+        k = self._lin(n, f"{p}.k_proj")
+        up = self.w.get(f"{p}.k_up_proj.weight")
+        return k if up is None else keys.reconstruct(k, up)
+
     def attention_probs(self, i: int, n: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Layer i's causal attention probabilities [B, H, T, T] on normed input n [B, T,
         hidden] at positions pos (no cache): softmax(scale · q_h · k_g(h)) over keys 0..t."""

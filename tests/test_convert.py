@@ -434,3 +434,34 @@ def test_key_proj_lr_scale_slows_only_the_latent_projection(sources, tmp_path):
     assert moved[0.0][names[1]] == 0.0
     assert moved[0.0][names[0]] > 0 and moved[0.0][names[2]] > 0
     assert 0 < moved[0.1][names[1]] < moved[1.0][names[1]]
+
+
+def test_key_fidelity_holds_the_reconstructed_keys_near_the_source(sources, tmp_path):
+    """key_fidelity = λ adds λ‖B A n − W_k n‖² / ‖W_k n‖² to the layer loss: after the same
+    steps the student's pre-RoPE keys are closer to the source's with λ = 10 than with λ = 0;
+    thin keys (another space than the source's keys) are refused in one line."""
+    from engine.weights import load_checkpoint
+    from model_patches.conversion.calibrate import calibrate_layer
+    teacher = TorchCausalLM.from_dir(sources["llama"])
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(2))
+    pos = torch.arange(32)
+    p = "model.layers.1.self_attn"
+    names = [f"{p}.q_proj.weight", f"{p}.k_proj.weight", f"{p}.k_up_proj.weight"]
+    init = convert(sources["llama"], tmp_path / "init", key_rank=4, keys="latent", **SMALL).dst
+    err = {}
+    for lam in (0.0, 10.0):
+        student = TorchCausalLM(*load_checkpoint(init))
+        x = student.embed(ids, pos).detach()
+        calibrate_layer(teacher, student, 1, x, pos, names,
+                        {"steps": 20, "batch": 2, "lr": 1e-2, "key_fidelity": lam})
+        with torch.no_grad():
+            n = student.attn_norm(1, x)
+            want = teacher.pre_rope_keys(1, n)
+            err[lam] = ((student.pre_rope_keys(1, n) - want).pow(2).mean()
+                        / want.pow(2).mean()).item()
+    assert err[10.0] < err[0.0]
+    thin = convert(sources["llama"], tmp_path / "thin", key_rank=4, keys="thin", **SMALL).dst
+    student = TorchCausalLM(*load_checkpoint(thin))
+    with pytest.raises(ConversionError, match="key_fidelity needs full-width"):
+        calibrate_layer(teacher, student, 1, student.embed(ids, pos).detach(), pos, names[:2],
+                        {"steps": 1, "batch": 2, "lr": 1e-2, "key_fidelity": 1.0})

@@ -115,11 +115,17 @@ def calibrate_layer(teacher: TorchCausalLM, student: TorchCausalLM, i: int, x: t
     projection (``k_proj``: A for latent keys) at ``opts["key_proj_lr_scale"]`` (default 1)
     times the learning rate. With ``opts["retrieval_weight"]`` = s > 0 each query row's error
     is weighted by :func:`long_range_weights` (distance ``opts["retrieval_distance"]``,
-    default RETRIEVAL_DISTANCE) in the training loss. Returns (x after the student's whole
+    default RETRIEVAL_DISTANCE) in the training loss. With ``opts["key_fidelity"]`` = λ > 0
+    (latent keys) the training loss adds λ ‖B A n − W_k n‖² / ‖W_k n‖²: the reconstructed
+    pre-RoPE keys held near the source's (the objective PCA minimises), every token's alike. Returns (x after the student's whole
     layer i, the layer's unweighted relative MSE before/after)."""
     with torch.no_grad():
         n = student.attn_norm(i, x)
         target = teacher.attention(i, n, pos)
+        fidelity = opts.get("key_fidelity", 0)
+        keys = teacher.pre_rope_keys(i, n) if fidelity else None
+        if keys is not None and keys.shape[-1] != student.h_kv * student.keys[i].dims:
+            raise ConversionError("calibration key_fidelity needs full-width (latent) keys")
         strength = opts.get("retrieval_weight", 0)
         weight = (long_range_weights(teacher, i, n, pos, strength,
                                      opts.get("retrieval_distance", RETRIEVAL_DISTANCE))
@@ -139,11 +145,18 @@ def calibrate_layer(teacher: TorchCausalLM, student: TorchCausalLM, i: int, x: t
     gen = torch.Generator().manual_seed(i)
     norm = target.pow(2).mean().clamp_min(1e-12)
     weighted_norm = (target.pow(2).mean(-1) * weight).mean().clamp_min(1e-12)
+    keys_norm = keys.pow(2).mean().clamp_min(1e-12) if fidelity else None
 
     def loss_on(idx, weighted=False):
         at = pos[idx] if pos.dim() == 2 else pos
         err = (student.attention(i, n[idx], at) - target[idx]).pow(2).mean(-1)     # [B, T]
-        return (err * weight[idx]).mean() / weighted_norm if weighted else err.mean() / norm
+        if not weighted:
+            return err.mean() / norm
+        loss = (err * weight[idx]).mean() / weighted_norm
+        if fidelity:                  # + λ · relative error of the reconstructed pre-RoPE keys
+            k = student.pre_rope_keys(i, n[idx])
+            loss = loss + fidelity * (k - keys[idx]).pow(2).mean() / keys_norm
+        return loss
 
     everything = torch.arange(len(x), device=x.device)
     with torch.no_grad():
@@ -249,8 +262,7 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
               **({"retrieval_weight": opts["retrieval_weight"], "retrieval_distance":
                   opts.get("retrieval_distance", RETRIEVAL_DISTANCE)}
                  if opts.get("retrieval_weight") else {}),
-              **({"key_proj_lr_scale": opts["key_proj_lr_scale"]}
-                 if "key_proj_lr_scale" in opts else {}),
+              **{k: opts[k] for k in ("key_proj_lr_scale", "key_fidelity") if k in opts},
               "steps_per_layer": opts["steps"],
               "batch": opts["batch"], "lr": opts["lr"], "device": str(dev),
               "seconds": round(time.time() - t0, 1), "layers": losses}
