@@ -117,8 +117,9 @@ def calibrate_layer(teacher: TorchCausalLM, student: TorchCausalLM, i: int, x: t
     is weighted by :func:`long_range_weights` (distance ``opts["retrieval_distance"]``,
     default RETRIEVAL_DISTANCE) in the training loss. With ``opts["key_fidelity"]`` = λ > 0
     (latent keys) the training loss adds λ ‖B A n − W_k n‖² / ‖W_k n‖²: the reconstructed
-    pre-RoPE keys held near the source's (the objective PCA minimises), every token's alike. Returns (x after the student's whole
-    layer i, the layer's unweighted relative MSE before/after)."""
+    pre-RoPE keys held near the source's (the objective PCA minimises), every token's alike.
+    Returns (x after the student's whole layer i, the layer's unweighted relative MSE
+    before/after)."""
     with torch.no_grad():
         n = student.attn_norm(i, x)
         target = teacher.attention(i, n, pos)

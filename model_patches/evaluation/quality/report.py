@@ -310,7 +310,8 @@ def write_report(path: Path, variants: list[str], ckpts: dict[str, Path],
             cal = f"{info['calib_seconds']:.0f} s"
             if info["e2e"]:
                 cal += f" + e2e {info['e2e']['seconds']:.0f} s"
-        pk = sum(x.get("seconds", 0) for k, x in m.items() if k.startswith(("passkey/", "passkey-forced/")))
+        pk = sum(x.get("seconds", 0) for k, x in m.items()
+                 if k.startswith(("passkey/", "passkey-forced/")))
         L.append(f"| {v} | {cal} | " + " | ".join(
             f"{m[ppl_key(t, c, n_tok)]['seconds']:.0f} s" if ppl_key(t, c, n_tok) in m else "–"
             for t in texts for c in ctxs)
