@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from engine.torch_model import TorchCausalLM
+from engine.weights import load_checkpoint
+from model_patches.conversion.calibrate import calibrate_layer
 from model_patches.conversion.convert import ConversionError, convert
 from tests.engine_utils import ROOT, run_vllm, tiny_llama
 
@@ -410,18 +412,21 @@ def test_long_range_weights_mark_rows_that_attend_far_back(sources, tmp_path):
     assert all(x["relative_mse_after"] < x["relative_mse_before"] for x in report["layers"])
 
 
+def _layer1_latent_setup(sources, tmp_path, seed):
+    """(teacher, an r = 4 latent PCA init of the tiny llama, 4 random windows of 32 tokens,
+    positions, layer 1's W_q / A / B names) for calibrate_layer checks."""
+    init = convert(sources["llama"], tmp_path / "init", key_rank=4, keys="latent", **SMALL).dst
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(seed))
+    p = "model.layers.1.self_attn"
+    names = [f"{p}.q_proj.weight", f"{p}.k_proj.weight", f"{p}.k_up_proj.weight"]
+    return TorchCausalLM.from_dir(sources["llama"]), init, ids, torch.arange(32), names
+
+
 def test_key_proj_lr_scale_slows_only_the_latent_projection(sources, tmp_path):
     """key_proj_lr_scale = s: the layer-wise stage trains A (k_proj) at s x lr, W_q and B at
     lr: at s = 0 A stays at its PCA start exactly while W_q and B move; at s = 0.1 A moves,
     less than at s = 1."""
-    from engine.weights import load_checkpoint
-    from model_patches.conversion.calibrate import calibrate_layer
-    init = convert(sources["llama"], tmp_path / "init", key_rank=4, keys="latent", **SMALL).dst
-    teacher = TorchCausalLM.from_dir(sources["llama"])
-    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
-    pos = torch.arange(32)
-    p = "model.layers.1.self_attn"
-    names = [f"{p}.q_proj.weight", f"{p}.k_proj.weight", f"{p}.k_up_proj.weight"]
+    teacher, init, ids, pos, names = _layer1_latent_setup(sources, tmp_path, seed=1)
     moved = {}
     for scale in (0.0, 0.1, 1.0):
         cfg, state = load_checkpoint(init)
@@ -440,14 +445,7 @@ def test_key_fidelity_holds_the_reconstructed_keys_near_the_source(sources, tmp_
     """key_fidelity = λ adds λ‖B A n − W_k n‖² / ‖W_k n‖² to the layer loss: after the same
     steps the student's pre-RoPE keys are closer to the source's with λ = 10 than with λ = 0;
     thin keys (another space than the source's keys) are refused in one line."""
-    from engine.weights import load_checkpoint
-    from model_patches.conversion.calibrate import calibrate_layer
-    teacher = TorchCausalLM.from_dir(sources["llama"])
-    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(2))
-    pos = torch.arange(32)
-    p = "model.layers.1.self_attn"
-    names = [f"{p}.q_proj.weight", f"{p}.k_proj.weight", f"{p}.k_up_proj.weight"]
-    init = convert(sources["llama"], tmp_path / "init", key_rank=4, keys="latent", **SMALL).dst
+    teacher, init, ids, pos, names = _layer1_latent_setup(sources, tmp_path, seed=2)
     err = {}
     for lam in (0.0, 10.0):
         student = TorchCausalLM(*load_checkpoint(init))

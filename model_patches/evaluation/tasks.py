@@ -111,6 +111,11 @@ def copy_key(text: str, length: int, n: int) -> str:
     return f"copy/{text}/len{length}/n{n}"
 
 
+def passkey_key(length: int, n: int, seed: int, forced: bool = False) -> str:
+    """Result-cache key of passkey_accuracy (greedy) or passkey_forced on passkey_prompts."""
+    return f"passkey{'-forced' if forced else ''}/len{length}/n{n}/seed{seed}"
+
+
 @torch.no_grad()
 def copy_recall(model: TorchCausalLM, windows: torch.Tensor, span: int = COPY_SPAN) -> dict:
     """Scores the repeated span of :func:`copy_windows` (its tokens 2..span, predicted from

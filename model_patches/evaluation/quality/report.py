@@ -14,7 +14,8 @@ import torch
 
 from engine.checkpoint import BLOCK, FactoredKeysConfig, model_dims
 from engine.kv_layout import kv_layout
-from model_patches.evaluation.tasks import COPY_SOURCE, COPY_SPAN, PPL_TEXTS, copy_key, ppl_key
+from model_patches.evaluation.tasks import (COPY_SOURCE, COPY_SPAN, PPL_TEXTS, copy_key,
+                                            passkey_key, ppl_key)
 
 PARETO_PNG = "quality-pareto.png"
 SHORT_TEXT = {"wiki": "Wikipedia", "news": "news"}
@@ -256,18 +257,19 @@ def write_report(path: Path, variants: list[str], ckpts: dict[str, Path],
               "| variant | " + " | ".join(f"accuracy @{n} tokens (n)" for n in
                                          opts["passkey_lengths"]) + " |",
               "|---|" + "---:|" * len(opts["passkey_lengths"])]
-        for v in pk_vars:
-            n = opts["passkey_n"][v]
-            cells = []
-            for length in opts["passkey_lengths"]:
-                m = metrics[v].get(f"passkey/len{length}/n{n}/seed{opts['seed']}")
-                cells.append(f"{100 * m['accuracy']:.0f}% ({m['n']})" if m else "–")
-            L.append(f"| {v} | " + " | ".join(cells) + " |")
-        L.append("")
-        forced = {v: [metrics[v].get(f"passkey-forced/len{n}/n{opts['passkey_n'][v]}/seed"
-                                     f"{opts['seed']}") for n in opts["passkey_lengths"]]
-                  for v in pk_vars}
-        if any(m for cells in forced.values() for m in cells):
+
+        def passkey_rows(forced: bool, cell) -> tuple[list[str], bool]:
+            """One table row per variant, cell(metric) per length ("–" where not computed),
+            and whether any cell was computed."""
+            ms = {v: [metrics[v].get(passkey_key(n, opts["passkey_n"][v], opts["seed"], forced))
+                      for n in opts["passkey_lengths"]] for v in pk_vars}
+            return ([f"| {v} | " + " | ".join(cell(m) if m else "–" for m in ms[v]) + " |"
+                     for v in pk_vars], any(m for row in ms.values() for m in row))
+
+        L += passkey_rows(False, lambda m: f"{100 * m['accuracy']:.0f}% ({m['n']})")[0] + [""]
+        forced_rows, any_forced = passkey_rows(
+            True, lambda m: f"{100 * m['retrieved']:.0f}% / {m['key_nll']:.3f}")
+        if any_forced:
             L += ["Teacher-forced (`model_patches.evaluation.tasks.passkey_forced`, plain torch): "
                   "the same prompts followed by the key; *retrieved* when at every digit the "
                   "likeliest of the ten digits is the key's, and the key digits' NLL (nats, "
@@ -275,12 +277,7 @@ def write_report(path: Path, variants: list[str], ckpts: dict[str, Path],
                   "model answers with a number at all; this scores only which number.", "",
                   "| variant | " + " | ".join(f"retrieved / key NLL @{n} tokens" for n in
                                              opts["passkey_lengths"]) + " |",
-                  "|---|" + "---:|" * len(opts["passkey_lengths"])]
-            for v in pk_vars:
-                L.append(f"| {v} | " + " | ".join(
-                    f"{100 * m['retrieved']:.0f}% / {m['key_nll']:.3f}" if m else "–"
-                    for m in forced[v]) + " |")
-            L.append("")
+                  "|---|" + "---:|" * len(opts["passkey_lengths"])] + forced_rows + [""]
     # chat
     chat_vars = [v for v in variants if metrics[v].get("chat/v1")]
     if chat_vars:

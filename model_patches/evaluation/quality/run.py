@@ -74,11 +74,13 @@ def evaluate_variant(name: str, ckpt: Path, root: Path, tok, opts: dict, log=pri
             log(f"[eval] {name} copy {text} @{length}: NLL {m['nll']:.3f}, top-1 {m['top1']:.1%}")
     n_pk = opts["passkey_n"].get(name, 0)
     for length in opts["passkey_lengths"] if n_pk else ():
-        key = f"passkey/len{length}/n{n_pk}/seed{opts['seed']}"
+        key = E.passkey_key(length, n_pk, opts["seed"])
         if opts.get("passkey_engine", "vllm") != "vllm":
             key += "/torch"
+        forced = E.passkey_key(length, n_pk, opts["seed"], forced=True)
+        prompts = (E.passkey_prompts(tok, length, n_pk, opts["seed"])
+                   if res.get(key) is None or res.get(forced) is None else None)
         if res.get(key) is None:
-            prompts = E.passkey_prompts(tok, length, n_pk, opts["seed"])
             t0 = time.time()
             if opts.get("passkey_engine", "vllm") == "vllm":
                 log(f"[eval] {name}: {n_pk} passkey prompts of {length} tokens through vLLM")
@@ -90,9 +92,7 @@ def evaluate_variant(name: str, ckpt: Path, root: Path, tok, opts: dict, log=pri
             out["seconds"] = round(time.time() - t0, 1)
             res.put(key, out)
         log(f"[eval] {name} passkey {length}: {res.get(key)['accuracy']:.2%} of {n_pk}")
-        forced = f"passkey-forced/len{length}/n{n_pk}/seed{opts['seed']}"
         if res.get(forced) is None:       # the same prompts, the key teacher-forced (torch)
-            prompts = E.passkey_prompts(tok, length, n_pk, opts["seed"])
             t0 = time.time()
             with tqdm(total=n_pk, desc=f"{name} passkey {length} forced", unit="prompt",
                       disable=not opts["progress"]) as bar:
