@@ -239,6 +239,20 @@ def test_report_lists_every_variant(tmp_path, tiny):
     text = out.read_text()
     assert "| variant | Wikipedia @128 | news @128 |" in text
     assert "| original | 1.500 (62%) | – |" in text and "| thin | 1." not in text
+    assert "`factorkv serve --variant" not in text       # no shipped build in this report
+
+
+def test_report_names_the_shipped_builds():
+    """Each served-* variant is tied to its `--variant`, the default flagged, and its recipe."""
+    from model_patches.conversion.default_variants import DEFAULT_VARIANT
+    from model_patches.evaluation.quality.report import served_builds
+    lines = served_builds(["original", f"served-{DEFAULT_VARIANT}",
+                           "served-r16", "cal-r16"])
+    assert len(lines) == 3 and lines[-1] == ""
+    assert lines[0].startswith(f"- `served-{DEFAULT_VARIANT}`: the default build "
+                               f"(`factorkv serve --variant {DEFAULT_VARIANT}`)")
+    assert "`served-r16`: a shipped build (`factorkv serve --variant thin-r16`)" in lines[1]
+    assert "steps 300" in lines[1] and served_builds(["original"]) == []
 
 
 def test_evaluate_variant_scores_each_text_once(tmp_path, default_model_dir):
