@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.factorkv-installed-$(VLLM_EXTRA)
 
-.PHONY: install serve test prepare bench bench-concurrency bench-decode bench-eviction bench-goodput bench-quality artifact clean-venv
+.PHONY: install serve test prepare bench bench-concurrency bench-decode bench-triton bench-eviction bench-goodput bench-quality artifact clean-venv
 
 install: $(STAMP)
 
@@ -60,6 +60,12 @@ bench-eviction: $(STAMP)
 
 bench-decode: $(STAMP)
 	$(BIN)/python -m loadtests.decode_throughput $(BENCH_DECODE_ARGS)
+
+# bench-triton: the Triton latent-key decode kernel vs dense attention on a CUDA GPU (torch and
+# Triton only; a device without vLLM runs `python3 -m loadtests.triton_latent_bench --out DIR`)
+# -> docs/results/triton-latent.md
+bench-triton:
+	$(BIN)/python -m loadtests.triton_latent_bench --out docs/results
 
 # bench-goodput: multi-turn chat users within a latency SLO at one small KV budget: original vs the
 # served default (latent keys) vs thin keys vs thin keys + eviction, N = 2..6 users, GuideLLM as

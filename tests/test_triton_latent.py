@@ -32,7 +32,12 @@ CASES: dict[str, dict] = {
     "mha4_two_groups_bs16": dict(h=4, h_kv=4, groups=2, bs=16, lens=[9, 20]),
     "bf16_cache_fp16_q": dict(h=6, h_kv=3, groups=1, bs=16, lens=[5, 19],
                               kv_dtype=torch.bfloat16, q_dtype=torch.float16),
+    # an evicted cache: slot t holds the token at key_pos[s, t] (increasing, with gaps)
+    "evicted_joint_bs16": dict(h=6, h_kv=3, groups=1, bs=16, lens=[1, 21, 40], key_pos=True),
+    "evicted_perhead_bs5": dict(h=6, h_kv=2, groups=2, bs=5, lens=[9, 3], key_pos=True),
+    "empty_and_long_bs16": dict(h=6, h_kv=3, groups=1, bs=16, lens=[0, 70, 2]),
 }
+SPLITS = (1, 3)   # one run per sequence, and flash-decoding runs (some of them empty)
 
 
 def rope_tables(max_pos: int, d: int, base: float = 10000.0):
@@ -43,7 +48,7 @@ def rope_tables(max_pos: int, d: int, base: float = 10000.0):
 
 
 def make_case(h, h_kv, groups, bs, lens, seed=0, d=D, r=R, kv_dtype=torch.float32,
-              q_dtype=torch.float32, **_):
+              q_dtype=torch.float32, key_pos=False, **_):
     """Random inputs with a shuffled block table; every cache slot no live token uses is NaN."""
     g = torch.Generator().manual_seed(seed)
     n, r_g = len(lens), h_kv // groups * r
@@ -60,31 +65,40 @@ def make_case(h, h_kv, groups, bs, lens, seed=0, d=D, r=R, kv_dtype=torch.float3
         live[bt[i, t // bs].long(), t % bs] = True
     kv = torch.randn(n_blocks, h_kv, bs, r + d, generator=g)
     kv.transpose(1, 2)[~live] = float("nan")
-    cos, sin = rope_tables(max(lens) + 3, d)
+    extra = {}
+    top = max(lens) + 3
+    if key_pos:
+        gaps = torch.randint(1, 4, (n, max(lens) + 1), generator=g)
+        extra["key_pos"] = (gaps.cumsum(1) - 1).to(torch.int32)
+        top = int(extra["key_pos"].max()) + 1
+    cos, sin = rope_tables(top, d)
     return dict(q=torch.randn(n, h, d, generator=g).to(q_dtype), kv_cache=kv.to(kv_dtype),
                 block_table=bt, seq_lens=torch.tensor(lens, dtype=torch.int32),
                 up=torch.randn(h_kv, d, r_g, generator=g) / math.sqrt(r_g), cos=cos, sin=sin,
-                scale=d ** -0.5, groups=groups)
+                scale=d ** -0.5, groups=groups, **extra)
 
 
-def run_cases(device: str) -> dict[str, float]:
-    """Max |kernel - reference| per case (NaN if the kernel's output is not finite)."""
+def run_cases(device: str, splits=SPLITS) -> dict[str, float]:
+    """Max |kernel - reference| per case and split count, keyed "case/splits" (NaN if the
+    kernel's output is not finite)."""
     from engine.attention.triton_latent import latent_decode, latent_decode_reference
     errors = {}
     for name, case in CASES.items():
         args = {k: v.to(device) if isinstance(v, torch.Tensor) else v
                 for k, v in make_case(**case).items()}
-        out = torch.full_like(args["q"], float("nan")) if case.get("out") else None
-        got = latent_decode(**args, out=out)
-        assert out is None or got is out
         ref = latent_decode_reference(**args)
-        assert got.dtype == args["q"].dtype and got.shape == args["q"].shape
-        err = (got.float() - ref.float()).abs().max().item()
-        errors[name] = err if torch.isfinite(got).all() else float("nan")
+        for n_split in splits:
+            out = torch.full_like(args["q"], float("nan")) if case.get("out") else None
+            got = latent_decode(**args, out=out, num_splits=n_split)
+            assert out is None or got is out
+            assert got.dtype == args["q"].dtype and got.shape == args["q"].shape
+            err = (got.float() - ref.float()).abs().max().item()
+            errors[f"{name}/{n_split}"] = err if torch.isfinite(got).all() else float("nan")
     return errors
 
 
-def tolerance(name: str) -> float:
+def tolerance(key: str) -> float:
+    name = key.split("/")[0]
     return 5e-3 if CASES[name].get("q_dtype", torch.float32) != torch.float32 else 1e-4
 
 
@@ -102,16 +116,16 @@ def interpreted_errors() -> dict[str, float]:
     return json.loads(line.split(" ", 1)[1])
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_interpreted_kernel_matches_reference(interpreted_errors, name):
-    assert interpreted_errors[name] <= tolerance(name), interpreted_errors
+@pytest.mark.parametrize("key", [f"{name}/{n}" for name in CASES for n in SPLITS])
+def test_interpreted_kernel_matches_reference(interpreted_errors, key):
+    assert interpreted_errors[key] <= tolerance(key), interpreted_errors
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_kernel_matches_reference_on_cuda():
-    errors = run_cases("cuda")
-    assert all(err <= tolerance(name) for name, err in errors.items()), errors
+    errors = run_cases("cuda", splits=(None, *SPLITS))
+    assert all(err <= tolerance(key) for key, err in errors.items()), errors
 
 
 def literal(q, kv_cache, block_table, seq_lens, up, cos, sin, scale, groups):
@@ -159,3 +173,20 @@ def test_reference_rejects_bad_shapes():
         latent_decode_reference(**dict(args, groups=2))
     with pytest.raises(ValueError, match="up is"):
         latent_decode_reference(**dict(args, up=args["up"][..., :-1]))
+
+
+def test_device_benchmark_smoke(tmp_path):
+    """The prepared GPU check (loadtests/triton_latent_bench.py) runs end to end on CPU under
+    the interpreter, split-K included, and writes a report whose rows match the reference;
+    without --smoke and without CUDA it refuses in one line, exit 2."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "loadtests.triton_latent_bench"]
+    proc = subprocess.run([*cmd, "--smoke", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "triton-latent.json").read_text())["rows"]
+    assert row["splits"] == 3 and row["max_abs_err"] < 1e-4 and row["max_abs_err_splits1"] < 1e-4
+    assert "| smollm2-135m | 2 | 40 | 3 |" in (tmp_path / "triton-latent.md").read_text()
+    if not torch.cuda.is_available():
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr

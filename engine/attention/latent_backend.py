@@ -130,16 +130,17 @@ class LatentKeyImpl(ThinKeyCPUImpl):
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, md: ThinKeyCPUMetadata,
                 output: torch.Tensor) -> None:
         d = self.keys.head_dim
+        nd = query.shape[0]
+        pos = None if self.key_positions is None else self.key_positions[:nd]
         if md.decode_block_table is not None and query.device.type == "cuda":   # Triton
             from engine.attention.triton_latent import latent_decode
             cos, sin = self._rope_tables(kv_cache.device)
             up = self.up.weight.view(self.num_kv_heads, d, -1)
             latent_decode(query, kv_cache, md.decode_block_table.to(query.device),
                           md.decode_seq_lens.to(query.device), up, cos, sin, self.scale,
-                          self.keys.groups, out=output)
+                          self.keys.groups, out=output,
+                          key_pos=None if pos is None else pos.to(query.device))
             return
-        nd = query.shape[0]
-        pos = None if self.key_positions is None else self.key_positions[:nd]
         if md.decode_block_table is not None:                 # CPU: the C++ kernel
             up_t = self.up.weight.view(self.num_kv_heads, d, -1).transpose(1, 2).contiguous()
             top = int(md.decode_seq_lens.max()) if pos is None else int(pos.max()) + 1
