@@ -245,7 +245,7 @@ def test_report_lists_every_variant(tmp_path, tiny):
 def test_report_names_the_shipped_builds():
     """Each served-* variant is tied to its `--variant`, the default flagged, and its recipe."""
     from model_patches.conversion.default_variants import DEFAULT_VARIANT
-    from model_patches.evaluation.quality.report import served_builds
+    from model_patches.evaluation.quality.variants import served_builds
     lines = served_builds(["original", f"served-{DEFAULT_VARIANT}",
                            "served-r16", "cal-r16"])
     assert len(lines) == 3 and lines[-1] == ""

@@ -14,8 +14,7 @@ import torch
 
 from engine.checkpoint import BLOCK, FactoredKeysConfig, model_dims
 from engine.kv_layout import kv_layout
-from model_patches.conversion.default_variants import DEFAULT_VARIANT, RECIPES
-from model_patches.evaluation.quality.variants import parse_variant
+from model_patches.evaluation.quality.variants import served_builds
 from model_patches.evaluation.tasks import (COPY_SOURCE, COPY_SPAN, PPL_TEXTS, copy_key,
                                             passkey_key, ppl_key)
 
@@ -170,22 +169,6 @@ def pareto_plot(path: Path, rows: list[dict], ctxs: list[int], text: str = "Wiki
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def served_builds(variants: list[str]) -> list[str]:
-    """One line per shipped build in the report (served-[latent-]rR): which `--variant` of
-    `factorkv serve` it is, whether it is the default, and the recipe that regenerates it."""
-    lines = []
-    for name in variants:
-        spec = parse_variant(name) or {}
-        if "served_rank" not in spec:
-            continue
-        v = f"{spec.get('served_keys', 'thin')}-r{spec['served_rank']}"
-        role = "the default build" if v == DEFAULT_VARIANT else "a shipped build"
-        recipe = ", ".join(f"{k} {val}" for k, val in RECIPES.get(v, {}).items()) or "defaults"
-        lines.append(f"- `{name}`: {role} (`factorkv serve --variant {v}`), the artifact "
-                     f"`make artifact VARIANT={v}` regenerates (calibration: {recipe}).")
-    return lines + [""] if lines else []
 
 
 def write_report(path: Path, variants: list[str], ckpts: dict[str, Path],

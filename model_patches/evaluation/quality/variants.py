@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from model_patches.conversion.convert import convert
-from model_patches.conversion.default_variants import prepare_variant
+from model_patches.conversion.default_variants import DEFAULT_VARIANT, RECIPES, prepare_variant
 from model_patches.evaluation.tasks import EvalError
 
 DEFAULT_VARIANTS = ("original", "init-r32", "cal-r32", "init-r16", "cal-r16", "served-r16",
@@ -89,6 +89,22 @@ def merged_name(spec: dict) -> str:
     rec = spec.get("recover")
     return (f"merge-kv{spec['kv_heads']}" + ("-real" if spec.get("merge_keys") == "real" else "")
             + ("" if rec is None else f"-rec{rec.get('e2e_steps', '')}"))
+
+
+def served_builds(variants: list[str]) -> list[str]:
+    """One line per shipped build in the report (served-[latent-]rR): which `--variant` of
+    `factorkv serve` it is, whether it is the default, and the recipe that regenerates it."""
+    lines = []
+    for name in variants:
+        spec = parse_variant(name) or {}
+        if "served_rank" not in spec:
+            continue
+        v = f"{spec.get('served_keys', 'thin')}-r{spec['served_rank']}"
+        role = "the default build" if v == DEFAULT_VARIANT else "a shipped build"
+        recipe = ", ".join(f"{k} {val}" for k, val in RECIPES.get(v, {}).items()) or "defaults"
+        lines.append(f"- `{name}`: {role} (`factorkv serve --variant {v}`), the artifact "
+                     f"`make artifact VARIANT={v}` regenerates (calibration: {recipe}).")
+    return lines + [""] if lines else []
 
 
 def resolve_variant(name: str, root: Path, src: Path, extra: dict[str, Path],
