@@ -1,19 +1,18 @@
 """The Triton latent-key decode kernel on a GPU: checked against its torch reference at real
 shapes, then timed against dense full-key attention of the same batch and context.
 
-    python3 -m loadtests.triton_latent_bench --out DIR          # on a CUDA machine (torch + Triton;
-                                                                 # no vLLM needed)
-    python -m loadtests.triton_latent_bench --smoke --out DIR   # CPU, TRITON_INTERPRET=1, tiny
+    python3 -m loadtests.triton_latent_bench --out DIR         # a CUDA machine: torch, Triton
+    python -m loadtests.triton_latent_bench --smoke --out DIR  # CPU, TRITON_INTERPRET=1, tiny
 
 Per (model shape, batch n, context T), one decode step of one layer:
 
 * latent: `engine.attention.triton_latent.latent_decode` over a paged cache [NB, H_kv, BS, r + D]
-  (shuffled block table, every sequence T tokens), with its default flash-decoding split and
-  with one run per sequence (splits = 1);
+  (shuffled block table, every sequence T tokens), with its default flash-decoding split, with
+  one run per sequence (splits = 1), and with tf32 (tensor-core) dots instead of fp32;
 * dense: `torch.nn.functional.scaled_dot_product_attention` of the same queries over contiguous
   full keys and values [n, H_kv, T, D] (GQA), the cache an unmodified model would read.
 
-Bytes a step must read: latent n·T·H_kv·(r + D)·e, dense n·T·H_kv·2D·e (e bytes per element):
+Bytes a step must read: latent n·T·H_kv·(r + D)·e, dense n·T·H_kv·2D·e (e bytes an element):
 at r = D/4 the latent cache is 0.625 of the dense one, and its extra work is arithmetic,
 n·T·H_kv·D·r_g multiply-adds to rebuild the keys (r_g = r·H_kv / groups). The report gives
 times, the bandwidth each reaches, and latent / dense. Correctness: max |kernel − reference|
@@ -122,6 +121,8 @@ def measure(name: str, shape, n: int, t: int, device, dtype, splits: int | None 
     err = (out[:k].float() - ref.float()).abs().max().item()
     one = latent_decode(**args, num_splits=1)
     err_one = (one[:k].float() - ref.float()).abs().max().item()
+    tf32 = latent_decode(**args, num_splits=splits, precision="tf32")
+    err_tf32 = (tf32[:k].float() - ref.float()).abs().max().item()
     qd = args["q"][:, :, None]                                           # [n, H, 1, D]
 
     def dense():
@@ -129,18 +130,23 @@ def measure(name: str, shape, n: int, t: int, device, dtype, splits: int | None 
                                               enable_gqa=h != h_kv)
     ms_latent = timer(lambda: latent_decode(**args, num_splits=splits), device)
     ms_one = timer(lambda: latent_decode(**args, num_splits=1), device)
+    ms_tf32 = timer(lambda: latent_decode(**args, num_splits=splits, precision="tf32"), device)
     ms_dense = timer(dense, device)
     e = torch.tensor([], dtype=dtype).element_size()
     bytes_latent = n * t * h_kv * (r + d) * e
     bytes_dense = n * t * h_kv * 2 * d * e
     row = {"shape": name, "H": h, "H_kv": h_kv, "D": d, "r": r, "groups": groups,
            "batch": n, "context": t, "splits": splits, "max_abs_err": err,
-           "max_abs_err_splits1": err_one, "ms_latent": ms_latent, "ms_latent_splits1": ms_one,
+           "max_abs_err_splits1": err_one, "max_abs_err_tf32": err_tf32,
+           "ms_latent": ms_latent, "ms_latent_splits1": ms_one, "ms_latent_tf32": ms_tf32,
            "ms_dense": ms_dense, "latent_over_dense": ms_latent / ms_dense,
-           "GBps_latent": bytes_latent / ms_latent / 1e6, "GBps_dense": bytes_dense / ms_dense / 1e6,
+           "tf32_over_dense": ms_tf32 / ms_dense,
+           "GBps_latent": bytes_latent / ms_latent / 1e6,
+           "GBps_dense": bytes_dense / ms_dense / 1e6,
            "rebuild_GMACs": n * t * h_kv * d * (h_kv // groups * r) / 1e9}
     print(f"{name:16s} n={n:4d} T={t:5d} splits={splits:2d}  latent {ms_latent:8.3f} ms "
-          f"(1 run {ms_one:8.3f})  dense {ms_dense:8.3f} ms  ratio {row['latent_over_dense']:.2f}"
+          f"(1 run {ms_one:8.3f}, tf32 {ms_tf32:8.3f})  dense {ms_dense:8.3f} ms  "
+          f"ratio {row['latent_over_dense']:.2f}"
           f"  err {err:.1e}", flush=True)
     return row
 
@@ -153,14 +159,18 @@ def write_report(out: Path, rows: list[dict], device_name: str, dtype_name: str)
              f"Device: {device_name}; cache and queries {dtype_name}, fp32 accumulation; one "
              f"layer, one decode step; block size {BLOCK_SIZE}. `python3 -m "
              "loadtests.triton_latent_bench` (loadtests/triton_latent_bench.py states the method).",
-             "", "| shape | batch | context | splits | latent ms | latent ms, 1 run | dense ms "
-             "| latent / dense | latent GB/s | dense GB/s | max abs err |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "", "| shape | batch | context | splits | latent ms | 1 run ms | tf32 ms | dense ms "
+             "| latent / dense | tf32 / dense | latent GB/s | dense GB/s | max abs err (fp32, "
+             "tf32) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
+        err = max(r["max_abs_err"], r["max_abs_err_splits1"])
         lines.append(f"| {r['shape']} | {r['batch']} | {r['context']} | {r['splits']} | "
-                     f"{r['ms_latent']:.3f} | {r['ms_latent_splits1']:.3f} | {r['ms_dense']:.3f} | "
-                     f"{r['latent_over_dense']:.2f} | {r['GBps_latent']:.0f} | "
-                     f"{r['GBps_dense']:.0f} | {max(r['max_abs_err'], r['max_abs_err_splits1']):.1e} |")
+                     f"{r['ms_latent']:.3f} | {r['ms_latent_splits1']:.3f} | "
+                     f"{r['ms_latent_tf32']:.3f} | {r['ms_dense']:.3f} | "
+                     f"{r['latent_over_dense']:.2f} | {r['tf32_over_dense']:.2f} | "
+                     f"{r['GBps_latent']:.0f} | {r['GBps_dense']:.0f} | "
+                     f"{err:.1e}, {r['max_abs_err_tf32']:.1e} |")
     path = out / "triton-latent.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -182,7 +192,8 @@ def main(argv=None) -> int:
             for s in args.shapes for t in args.contexts for n in args.batches]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (interpreter)"
     path = write_report(Path(args.out), rows, name, str(dtype).removeprefix("torch."))
-    bad = [r for r in rows if max(r["max_abs_err"], r["max_abs_err_splits1"]) > TOLERANCE]
+    bad = [r for r in rows if max(r["max_abs_err"], r["max_abs_err_splits1"],
+                                  r["max_abs_err_tf32"]) > TOLERANCE]
     print(f"report: {path}; {len(rows) - len(bad)}/{len(rows)} points within {TOLERANCE}")
     return 1 if bad else 0
 

@@ -166,6 +166,15 @@ def test_reference_matches_literal_loop(groups):
     torch.testing.assert_close(ref.double(), literal(**args), atol=1e-5, rtol=1e-5)
 
 
+def test_rejects_bad_splits_and_precision():
+    from engine.attention.triton_latent import latent_decode
+    args = make_case(h=6, h_kv=3, groups=1, bs=4, lens=[2])
+    with pytest.raises(ValueError, match="num_splits"):
+        latent_decode(**args, num_splits=0)
+    with pytest.raises(ValueError, match="precision"):
+        latent_decode(**args, precision="bf16x9")
+
+
 def test_reference_rejects_bad_shapes():
     from engine.attention.triton_latent import latent_decode_reference
     args = make_case(h=6, h_kv=3, groups=1, bs=4, lens=[2])
@@ -186,6 +195,7 @@ def test_device_benchmark_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     (row,) = json.loads((tmp_path / "triton-latent.json").read_text())["rows"]
     assert row["splits"] == 3 and row["max_abs_err"] < 1e-4 and row["max_abs_err_splits1"] < 1e-4
+    assert row["max_abs_err_tf32"] < 1e-2
     assert "| smollm2-135m | 2 | 40 | 3 |" in (tmp_path / "triton-latent.md").read_text()
     if not torch.cuda.is_available():
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)

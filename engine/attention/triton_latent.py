@@ -36,6 +36,7 @@ import triton.language as tl
 MIN_TILE = 16  # tl.dot needs every tile dimension >= 16 on GPUs
 SPLIT_MIN_BLOCKS = 4  # a split-K run covers at least this many blocks
 MAX_SPLITS = 64
+PRECISIONS = ("ieee", "tf32")
 
 
 def _shapes(q, kv_cache, up, groups: int) -> tuple[int, int, int, int, int, int]:
@@ -96,7 +97,10 @@ def latent_decode_reference(q, kv_cache, block_table, seq_lens, up, cos, sin, sc
 # D = 64, H_kv = 3, QPK = 3, r = 16, G = 1 (r_g = 48) gives 3072 vs 384 MACs, 8x the attention
 # itself. Bytes read per token and KV head: r_g latent values (the group's m programs each
 # read the group's latent; the repeats hit L2) + D value entries; decode stays memory-bound
-# for small r_g, and the recompute is what the smaller cache pays. Dots run in fp32 ("ieee").
+# for small r_g, and the recompute is what the smaller cache pays. Dots run in fp32 ("ieee",
+# CUDA cores) by default; "tf32" puts them on tensor cores (10-bit mantissa inputs, fp32 sums):
+# at ~38 flops per cached byte (the default model, bf16) fp32 CUDA cores, not memory, would
+# bound an H200 (~14 flops per byte), tensor cores would not.
 @triton.jit
 def _latent_decode_kernel(q_ptr, kv_ptr, bt_ptr, lens_ptr, pos_ptr, up_ptr, cos_ptr, sin_ptr,
                           out_ptr, part_ptr, ml_ptr, scale_log2e, num_splits,
@@ -105,7 +109,8 @@ def _latent_decode_kernel(q_ptr, kv_ptr, bt_ptr, lens_ptr, pos_ptr, up_ptr, cos_
                           R: tl.constexpr, D: tl.constexpr, RG: tl.constexpr, M: tl.constexpr,
                           QPK: tl.constexpr, BS: tl.constexpr, QP: tl.constexpr,
                           BSP: tl.constexpr, RGP: tl.constexpr, DHP: tl.constexpr,
-                          DP: tl.constexpr, HAS_POS: tl.constexpr, PARTIAL: tl.constexpr):
+                          DP: tl.constexpr, HAS_POS: tl.constexpr, PARTIAL: tl.constexpr,
+                          PRECISION: tl.constexpr):
     """Program (s, h, j): sequence s, KV head h and its QPK query heads, the j-th of num_splits
     equal runs of s's blocks. PARTIAL: write the run's unnormalised (acc, max, sum) for
     _combine_kernel; else (one run) write the normalised output."""
@@ -149,16 +154,16 @@ def _latent_decode_kernel(q_ptr, kv_ptr, bt_ptr, lens_ptr, pos_ptr, up_ptr, cos_
         rows = kv_ptr + blk * stride_kb + ti[:, None] * stride_kt
         lat = tl.load(rows + lat_cols[None, :], mask=t_ok[:, None] & (ci[None, :] < RG),
                       other=0.0).to(tl.float32)                              # [BSP, RGP]
-        k1 = tl.dot(lat, u1, input_precision="ieee")                         # [BSP, DHP]
-        k2 = tl.dot(lat, u2, input_precision="ieee")
+        k1 = tl.dot(lat, u1, input_precision=PRECISION)                      # [BSP, DHP]
+        k2 = tl.dot(lat, u2, input_precision=PRECISION)
         cs = at[:, None] * D + dh[None, :]
         cs_mask = t_ok[:, None] & dh_ok[None, :]
         r1 = (k1 * tl.load(cos_ptr + cs, mask=cs_mask, other=0.0)
               - k2 * tl.load(sin_ptr + cs, mask=cs_mask, other=0.0))
         r2 = (k2 * tl.load(cos_ptr + cs + DH, mask=cs_mask, other=0.0)
               + k1 * tl.load(sin_ptr + cs + DH, mask=cs_mask, other=0.0))
-        sc = (tl.dot(q1, tl.trans(r1), input_precision="ieee")
-              + tl.dot(q2, tl.trans(r2), input_precision="ieee")) * scale_log2e  # [QP, BSP]
+        sc = (tl.dot(q1, tl.trans(r1), input_precision=PRECISION)
+              + tl.dot(q2, tl.trans(r2), input_precision=PRECISION)) * scale_log2e  # [QP, BSP]
         sc = tl.where(t_ok[None, :], sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, 1))       # finite: every block has a valid token
         alpha = tl.exp2(m_i - m_new)
@@ -166,7 +171,7 @@ def _latent_decode_kernel(q_ptr, kv_ptr, bt_ptr, lens_ptr, pos_ptr, up_ptr, cos_
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(rows + h * stride_kh + R + dv[None, :],
                     mask=t_ok[:, None] & (dv[None, :] < D), other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")  # [QP, DP]
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)   # [QP, DP]
         m_i = m_new
     q_ok = qi < QPK
     if PARTIAL:   # run j of query head (s, h·QPK + qi): part [n, H, S, D], ml [n, H, S, 2]
@@ -227,15 +232,17 @@ def default_splits(n: int, h_kv: int, max_blocks: int, device: torch.device) -> 
 
 
 def latent_decode(q, kv_cache, block_table, seq_lens, up, cos, sin, scale: float, groups: int,
-                  out=None, key_pos=None, num_splits: int | None = None) -> torch.Tensor:
+                  out=None, key_pos=None, num_splits: int | None = None,
+                  precision: str = "ieee") -> torch.Tensor:
     """Decode attention (one query token per sequence) with latent keys, as the module states.
 
     q [n, H, D] (fp32/fp16/bf16); kv_cache [NB, H_kv, BS, r + D] (fp32/fp16/bf16);
     block_table [n, max_blocks] int32; seq_lens [n] int32; up [H_kv, D, r_g];
     cos, sin [max_pos, D]; key_pos: None (slot t holds position t) or int [n, >= T] (an
     evicted cache's token positions, < max_pos); num_splits: runs of each sequence's blocks
-    computed in parallel then combined (flash-decoding; None: default_splits). Returns
-    out [n, H, D] in q's dtype. Accumulation is fp32."""
+    computed in parallel then combined (flash-decoding; None: default_splits); precision: the
+    dots' input precision, "ieee" (fp32) or "tf32" (tensor cores). Returns out [n, H, D] in
+    q's dtype. Accumulation is fp32."""
     h, h_kv, d, r, m, r_g = _shapes(q, kv_cache, up, groups)
     n, bs = q.shape[0], kv_cache.shape[2]
     if q.stride(-1) != 1 or kv_cache.stride(-1) != 1:
@@ -260,6 +267,8 @@ def latent_decode(q, kv_cache, block_table, seq_lens, up, cos, sin, scale: float
               else int(num_splits))
     if splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     qpk = h // h_kv
     part = ml = out                                  # unused placeholders when splits == 1
     if splits > 1:
@@ -273,7 +282,8 @@ def latent_decode(q, kv_cache, block_table, seq_lens, up, cos, sin, scale: float
         kv_cache.stride(2), block_table.stride(0), 0 if key_pos is None else key_pos.stride(0),
         out.stride(0), out.stride(1),
         R=r, D=d, RG=r_g, M=m, QPK=qpk, BS=bs, QP=_tile(qpk), BSP=_tile(bs), RGP=_tile(r_g),
-        DHP=_tile(d // 2), DP=_tile(d), HAS_POS=key_pos is not None, PARTIAL=splits > 1)
+        DHP=_tile(d // 2), DP=_tile(d), HAS_POS=key_pos is not None, PARTIAL=splits > 1,
+        PRECISION=precision)
     if splits > 1:
         _combine_kernel[(n, h)](part, ml, out, splits, out.stride(0), out.stride(1),
                                 D=d, SP=max(2, triton.next_power_of_2(splits)),
