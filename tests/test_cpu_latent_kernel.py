@@ -64,8 +64,9 @@ def test_cpp_latent_decode_matches_reference(kernels, name, per_head_tables):
     up_t, cos, sin, signed_sin = cpp_args(args, per_head_tables)
     out = torch.full_like(args["q"], float("nan"))
     kernels.latent_decode(args["q"], args["kv_cache"], args["block_table"], args["seq_lens"],
-                          up_t, cos, signed_sin, NO_POS, args["groups"], out, args["scale"])
-    ref = reference(args, cos, sin)
+                          up_t, cos, signed_sin, args.get("key_pos", NO_POS), args["groups"], out,
+                          args["scale"])
+    ref = reference(args, cos, sin)       # evicted cases: both rotate at args["key_pos"]
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
