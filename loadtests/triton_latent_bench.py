@@ -67,6 +67,15 @@ def parse_args(argv=None):
     return args
 
 
+def rope_tables(max_pos: int, d: int, base: float = 10000.0):
+    """cos, sin [max_pos, D] (float32) of the default rotary table, both halves alike."""
+    import torch
+    inv_freq = base ** (-torch.arange(0, d, 2).double() / d)
+    ang = torch.arange(max_pos).double()[:, None] * inv_freq[None, :]
+    emb = torch.cat([ang, ang], -1)
+    return emb.cos().float(), emb.sin().float()
+
+
 def make_inputs(shape, n: int, t: int, dtype, device, seed: int = 0):
     """Random q, paged latent cache (shuffled blocks), up, rope tables; and the dense K, V."""
     import torch
@@ -78,14 +87,12 @@ def make_inputs(shape, n: int, t: int, dtype, device, seed: int = 0):
         return torch.randn(*size, generator=g, device=device).to(dtype)
     nblk = math.ceil(t / BLOCK_SIZE)
     perm = torch.randperm(n * nblk, generator=torch.Generator().manual_seed(seed))
-    inv = 10000.0 ** (-torch.arange(0, d, 2).double() / d)
-    ang = torch.arange(t).double()[:, None] * inv[None]
-    emb = torch.cat([ang, ang], -1)
+    cos, sin = rope_tables(t, d)
     args = dict(q=randn(n, h, d), kv_cache=randn(n * nblk, h_kv, BLOCK_SIZE, r + d),
                 block_table=perm.view(n, nblk).to(torch.int32).to(device),
                 seq_lens=torch.full((n,), t, dtype=torch.int32, device=device),
                 up=randn(h_kv, d, r_g).float() / math.sqrt(r_g),
-                cos=emb.cos().float().to(device), sin=emb.sin().float().to(device),
+                cos=cos.to(device), sin=sin.to(device),
                 scale=d ** -0.5, groups=groups)
     return args, randn(n, h_kv, t, d), randn(n, h_kv, t, d)
 

@@ -18,6 +18,7 @@ import time
 import pytest
 import torch
 
+from loadtests.triton_latent_bench import rope_tables
 from tests.engine_utils import ROOT
 
 pytest.importorskip("triton", reason="triton is not installed")
@@ -38,13 +39,6 @@ CASES: dict[str, dict] = {
     "empty_and_long_bs16": dict(h=6, h_kv=3, groups=1, bs=16, lens=[0, 70, 2]),
 }
 SPLITS = (1, 3)   # one run per sequence, and flash-decoding runs (some of them empty)
-
-
-def rope_tables(max_pos: int, d: int, base: float = 10000.0):
-    inv_freq = base ** (-torch.arange(0, d, 2).double() / d)
-    ang = torch.arange(max_pos).double()[:, None] * inv_freq[None, :]
-    emb = torch.cat([ang, ang], -1)
-    return emb.cos().float(), emb.sin().float()
 
 
 def make_case(h, h_kv, groups, bs, lens, seed=0, d=D, r=R, kv_dtype=torch.float32,

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.rotary import rotate_half
+
 MIN_TILE = 16  # tl.dot needs every tile dimension >= 16 on GPUs
 SPLIT_MIN_BLOCKS = 4  # a split-K run covers at least this many blocks
 MAX_SPLITS = 64
@@ -51,12 +53,6 @@ def _shapes(q, kv_cache, up, groups: int) -> tuple[int, int, int, int, int, int]
     if tuple(up.shape) != (h_kv, d, m * r):
         raise ValueError(f"up is {tuple(up.shape)}, expected {(h_kv, d, m * r)}")
     return h, h_kv, d, r, m, m * r
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """cat(-x[..., D/2:], x[..., :D/2])."""
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], -1)
 
 
 def latent_decode_reference(q, kv_cache, block_table, seq_lens, up, cos, sin, scale: float,
