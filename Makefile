@@ -64,7 +64,7 @@ bench-decode: $(STAMP)
 # bench-triton: the Triton latent-key decode kernel vs dense attention on a CUDA GPU (torch and
 # Triton only; a device without vLLM runs `python3 -m loadtests.triton_latent_bench --out DIR`)
 # -> docs/results/triton-latent.md
-bench-triton:
+bench-triton: $(STAMP)
 	$(BIN)/python -m loadtests.triton_latent_bench --out docs/results
 
 # bench-goodput: multi-turn chat users within a latency SLO at one small KV budget: original vs the
