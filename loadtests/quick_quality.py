@@ -14,7 +14,9 @@ teacher-forced (``passkeyNk_forced``: every digit of the key is the likeliest di
 long-range copy (``copy_<text>_<length>``: ``copy-n`` windows per text and length whose last
 32 tokens repeat tokens 64..95; NLL per repeated token and the fraction ranked first,
 model_patches.evaluation.tasks.copy_recall); greedy answers (24 tokens) to the 5 fixed chat
-prompts. Plain torch (model_patches.evaluation.tasks), float32. One JSON line per checkpoint on stdout. The full,
+prompts; with ``--chat-set``, chat fidelity on the 48 prompts of
+model_patches.evaluation.chat_fidelity against the original's greedy answers (64 tokens):
+answer NLL and top-1 agreement teacher-forced, identical answers, repetition and loops). Plain torch (model_patches.evaluation.tasks), float32. One JSON line per checkpoint on stdout. The full,
 documented benchmark is `factorkv eval` (docs/results/quality.md).
 """
 
@@ -41,7 +43,7 @@ def resolve(name: str) -> Path:
 
 def probe(path: Path, tok, windows: int, passkey_n: int, texts=("evaluation",),
           passkey_lengths=(2048,), chat: bool = True, scoring=("greedy",), copy_n: int = 0,
-          copy_lengths=(4096,)) -> dict:
+          copy_lengths=(4096,), chat_reference: list | None = None) -> dict:
     from engine.torch_model import TorchCausalLM
     from model_patches.evaluation.tasks import (copy_recall, copy_windows, eval_windows,
                                                 greedy_chat, passkey_accuracy, passkey_forced,
@@ -69,6 +71,12 @@ def probe(path: Path, tok, windows: int, passkey_n: int, texts=("evaluation",),
             out[f"{name}_key_nll"] = round(forced["key_nll"], 3)
     if chat:
         out["chat"] = [a["answer"] for a in greedy_chat(model, tok, max_new=24)]
+    if chat_reference is not None:
+        from model_patches.evaluation.chat_fidelity import LOOP_REP4, chat_fidelity
+        r = chat_fidelity(model, tok, chat_reference)
+        out["chat_set"] = {k: round(v, 4) if isinstance(v, float) else v
+                           for k, v in r.items() if k != "rows"}
+        out["chat_set"]["looping"] = [x["prompt"] for x in r["rows"] if x["rep4"] >= LOOP_REP4]
     out["seconds"] = round(time.time() - t0, 1)
     return out
 
@@ -106,16 +114,22 @@ def main() -> None:
     ap.add_argument("--passkey-scoring", default="greedy", type=_scorings,
                     help="greedy (answer generated), forced (key teacher-forced: digit "
                          "retrieval and key NLL), or greedy,forced")
+    ap.add_argument("--chat-set", action="store_true", help="chat fidelity on the 48-prompt "
+                    "chat set against the original's answers")
     a = ap.parse_args()
-    tok = None
+    tok = AutoTokenizer.from_pretrained(str(resolve("original")))
+    reference = None
+    if a.chat_set:
+        from engine.torch_model import TorchCausalLM
+        from model_patches.evaluation.chat_fidelity import reference_answers
+        reference = reference_answers(TorchCausalLM.from_dir(resolve("original")).eval(), tok)
     for name in a.checkpoints:
         path = resolve(name)
-        tok = tok or AutoTokenizer.from_pretrained(str(resolve("original")))
         print(json.dumps({"checkpoint": name, **probe(path, tok, a.windows, a.passkey_n,
                                                       [t for t in a.texts.split(",") if t],
                                                       a.passkey_lengths, not a.no_chat,
                                                       a.passkey_scoring, a.copy_n,
-                                                      a.copy_lengths)}),
+                                                      a.copy_lengths, reference)}),
               flush=True)
 
 

@@ -293,15 +293,23 @@ CHAT_PROMPTS = (
 )
 
 
+def chat_ids(tok, prompt: str) -> list[int]:
+    """The prompt as a one-turn chat (the tokenizer's template, generation prompt added)."""
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                  add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def stop_ids(tok) -> set[int]:
+    """End-of-sequence and end-of-turn token ids."""
+    return {t for t in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")) if t is not None}
+
+
 @torch.no_grad()
 def greedy_chat(model: TorchCausalLM, tok, prompts=CHAT_PROMPTS, max_new: int = 48) -> list[dict]:
-    stop = {t for t in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")) if t is not None}
-    out = []
-    for q in prompts:
-        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                      tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        gen = greedy(model, list(ids), max_new, stop=stop)
-        out.append({"prompt": q, "answer": tok.decode(gen, skip_special_tokens=True).strip()})
-    return out
+    stop = stop_ids(tok)
+    return [{"prompt": q, "answer": tok.decode(greedy(model, chat_ids(tok, q), max_new, stop=stop),
+                                               skip_special_tokens=True).strip()}
+            for q in prompts]

@@ -21,7 +21,9 @@ computes what is missing:
     split, and news, a kind of text calibration never sees; model_patches.text_sets) at
     each context (non-overlapping windows);
   * passkey accuracy at each length (greedy, exact match of the 5 digits);
-  * greedy answers to 5 chat prompts;
+  * greedy answers to 5 chat prompts, and chat fidelity on 48 prompts of 8 kinds against
+    the original's greedy answers (answer NLL, top-1 agreement, identical answers, loops;
+    model_patches.evaluation.chat_fidelity);
   * for one variant, the perplexity recomputed through the vLLM engine (prompt logprobs of
     the same windows) and compared with the torch number.
 The report (markdown) is written to ``--out`` (docs/results/quality.md), with a KV bytes
@@ -29,5 +31,5 @@ per token vs perplexity table and its plot (``quality-pareto.png`` next to the r
 
 Modules: ``variants`` (the variant names and how each checkpoint is built), ``run`` (the
 metrics of each variant, with its result cache, and the whole benchmark), ``report`` (the
-markdown tables and the Pareto plot).
+markdown tables and the Pareto plot), ``report_chat`` (its chat sections).
 """

@@ -1,6 +1,6 @@
 """The benchmark's report: markdown tables (perplexity on each held-out text, KV bytes per token
 vs perplexity with its Pareto front, the vLLM cross-check, long-range copy, passkey, chat
-answers, timings) and
+answers and chat fidelity (report_chat), timings) and
 the Pareto plot. Results cached before a text existed render as "–" in its cells."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 
 from engine.checkpoint import BLOCK, FactoredKeysConfig, model_dims
 from engine.kv_layout import kv_layout
+from model_patches.evaluation.quality.report_chat import chat_seconds, chat_sections
 from model_patches.evaluation.quality.variants import served_builds
 from model_patches.evaluation.tasks import (COPY_SOURCE, COPY_SPAN, PPL_TEXTS, copy_key,
                                             passkey_key, ppl_key)
@@ -279,19 +280,7 @@ def write_report(path: Path, variants: list[str], ckpts: dict[str, Path],
                   "| variant | " + " | ".join(f"retrieved / key NLL @{n} tokens" for n in
                                              opts["passkey_lengths"]) + " |",
                   "|---|" + "---:|" * len(opts["passkey_lengths"])] + forced_rows + [""]
-    # chat
-    chat_vars = [v for v in variants if metrics[v].get("chat/v1")]
-    if chat_vars:
-        L += ["## Greedy chat answers, side by side", "",
-              "Chat template of the model, greedy, at most 48 new tokens.", ""]
-        prompts = [a["prompt"] for a in metrics[chat_vars[0]]["chat/v1"]["answers"]]
-        for i, p in enumerate(prompts):
-            L += [f"**{p}**", "", "| variant | answer |", "|---|---|"]
-            for v in chat_vars:
-                ans = metrics[v]["chat/v1"]["answers"][i]["answer"]
-                ans = ans.replace("|", "\\|").replace("\n", " ⏎ ")
-                L.append(f"| {v} | {ans} |")
-            L.append("")
+    L += chat_sections(variants, metrics)
     # timings
     L += ["## Timings and caching", "",
           "Per-variant results are cached in `<work>/results/<variant>.json` (work dir: "
@@ -313,7 +302,7 @@ def write_report(path: Path, variants: list[str], ckpts: dict[str, Path],
         L.append(f"| {v} | {cal} | " + " | ".join(
             f"{m[ppl_key(t, c, n_tok)]['seconds']:.0f} s" if ppl_key(t, c, n_tok) in m else "–"
             for t in texts for c in ctxs)
-            + f" | {pk:.0f} s | {m.get('chat/v1', {}).get('seconds', 0):.0f} s |")
+            + f" | {pk:.0f} s | {chat_seconds(m):.0f} s |")
     L.append("")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(L))

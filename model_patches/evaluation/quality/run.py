@@ -4,7 +4,8 @@
 (model_patches.evaluation.results_cache.Results, ``<work>/results/<variant>.json``) lacks:
 perplexity on each held-out text (``opts["texts"]``: wiki, news) at each context, passkey
 accuracy (greedy, through vLLM or torch; teacher-forced retrieval and the key's NLL, torch),
-greedy chat answers and, for one variant, the perplexity
+greedy chat answers, chat fidelity on the 48-prompt chat set against the original's
+answers (model_patches.evaluation.chat_fidelity) and, for one variant, the perplexity
 (Wikipedia) recomputed through the vLLM engine. :func:`run_benchmark`
 builds the variants (variants.resolve_variant), evaluates them and writes the report.
 """
@@ -20,9 +21,11 @@ from transformers import AutoTokenizer
 
 from engine.torch_model import TorchCausalLM
 from model_patches.conversion.default_model import cache_root, prepare_default_model
+from model_patches.evaluation import chat_fidelity as C
 from model_patches.evaluation import tasks as E
 from model_patches.evaluation import vllm_check
 from model_patches.evaluation.quality.report import write_report
+from model_patches.evaluation.quality.report_chat import CHAT_REF_KEY, CHAT_SET_KEY
 from model_patches.evaluation.quality.variants import (VARIANT_NAMES, parse_variant,
                                                        resolve_variant, variant_priority)
 from model_patches.evaluation.results_cache import Results
@@ -105,6 +108,8 @@ def evaluate_variant(name: str, ckpt: Path, root: Path, tok, opts: dict, log=pri
         t0 = time.time()
         res.put("chat/v1", {"answers": E.greedy_chat(get_model(), tok),
                             "seconds": round(time.time() - t0, 1)})
+    if name in opts["chat"]:
+        _chat_set(name, res, get_model, tok, opts, log)
     if name == opts["vllm_variant"]:
         ctx = opts["vllm_ctx"]
         key = f"vllm-ppl/ctx{ctx}/tokens{opts['eval_tokens']}"
@@ -119,6 +124,24 @@ def evaluate_variant(name: str, ckpt: Path, root: Path, tok, opts: dict, log=pri
                           "startup_s": out["startup_s"], "seconds": round(time.time() - t0, 1)})
         log(f"[eval] {name} vLLM ctx {ctx}: PPL {res.get(key)['ppl']:.3f}")
     return res.metrics
+
+
+def _chat_set(name: str, res: Results, get_model, tok, opts: dict, log) -> None:
+    """The original's answers (the reference, kept in its results) and every chat variant's
+    fidelity to them."""
+    if name == "original" and res.get(CHAT_REF_KEY) is None:
+        res.put(CHAT_REF_KEY, C.reference_answers(get_model(), tok))
+    reference = res.get(CHAT_REF_KEY) if name == "original" else opts.get("chat_reference")
+    if reference is None or res.get(CHAT_SET_KEY) is not None:
+        return
+    t0 = time.time()
+    with tqdm(total=len(C.CHAT_SET), desc=f"{name} chat set", unit="prompt",
+              disable=not opts["progress"]) as bar:
+        out = C.chat_fidelity(get_model(), tok, reference, progress=bar)
+    res.put(CHAT_SET_KEY, {**out, "seconds": round(time.time() - t0, 1)})
+    m = res.get(CHAT_SET_KEY)
+    log(f"[eval] {name} chat set: answer NLL {m['nll']:.3f}, top-1 {m['top1']:.1%}, "
+        f"same {m['same']:.0%}, loops {m['loops']:.0%}")
 
 
 def run_benchmark(opts: dict, command: str, log=print) -> Path:
@@ -155,6 +178,8 @@ def run_benchmark(opts: dict, command: str, log=print) -> Path:
     for v in sorted(variants, key=lambda v: 2 if v in extra else variant_priority(v)):
         ckpts[v] = resolve_variant(v, root, src, extra, opts["progress"])
         metrics[v] = evaluate_variant(v, ckpts[v], root, tok, opts, log)
+        if v == "original":
+            opts["chat_reference"] = metrics[v].get(CHAT_REF_KEY)
     out = Path(opts["out"])
     write_report(out, variants, ckpts, metrics, opts, command, time.time() - t0)
     log(f"[eval] wrote {out}")
