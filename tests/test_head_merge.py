@@ -325,5 +325,6 @@ def test_quality_variant_names_and_pareto_report(default_model_dir, tmp_path, mo
     assert "| original | original | 4 | 16 | 512 | 1.000 (1.00x fewer) | 10.000 | – | ★ |" in text
     assert "| merge-kv2 | kv-merge-complex | 2 | 16 | 256 | 0.500 (2.00x fewer) | 10.500 | +5.0% | ★ |" in text
     assert "| init-r4 | partial-rope | 4 | 4 | 320 | 0.625 (1.60x fewer) | 12.000 | +20.0% |  |" in text
-    png = out.parent / R.PARETO_PNG
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({R.PARETO_PNG})" in text
+    png = out.parent / R.PARETO_PNG.format(stem=out.stem)
+    assert png.name == "q-pareto.png"                  # one plot per report, none overwritten
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png.name})" in text

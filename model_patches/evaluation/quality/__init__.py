@@ -27,7 +27,7 @@ computes what is missing:
   * for one variant, the perplexity recomputed through the vLLM engine (prompt logprobs of
     the same windows) and compared with the torch number.
 The report (markdown) is written to ``--out`` (docs/results/quality.md), with a KV bytes
-per token vs perplexity table and its plot (``quality-pareto.png`` next to the report).
+per token vs perplexity table and its plot (``<report>-pareto.png`` next to the report, ``quality-pareto.png`` for quality.md).
 
 Modules: ``variants`` (the variant names and how each checkpoint is built), ``run`` (the
 metrics of each variant, with its result cache, and the whole benchmark), ``report`` (the

@@ -19,7 +19,7 @@ from model_patches.evaluation.quality.variants import served_builds
 from model_patches.evaluation.tasks import (COPY_SOURCE, COPY_SPAN, PPL_TEXTS, copy_key,
                                             passkey_key, ppl_key)
 
-PARETO_PNG = "quality-pareto.png"
+PARETO_PNG = "{stem}-pareto.png"          # next to the report: quality.md -> quality-pareto.png
 SHORT_TEXT = {"wiki": "Wikipedia", "news": "news"}
 # per held-out text (tasks.PPL_TEXTS): section title, what the text is, how to read it
 PPL_SECTIONS = {
@@ -193,7 +193,7 @@ def write_report(path: Path, variants: list[str], ckpts: dict[str, Path],
             L += ["Targets (issue 4): 50% cut ≤ +1%, 75% ≤ +3%, 87.5% ≤ +8%.", ""]
     rows = _kv_rows(variants, ckpts, metrics, ctxs, n_tok, texts[0])
     label = SHORT_TEXT.get(texts[0], texts[0])
-    plot = pareto_plot(path.parent / PARETO_PNG, rows, ctxs, label)
+    plot = pareto_plot(path.parent / PARETO_PNG.format(stem=path.stem), rows, ctxs, label)
     L += ["## KV bytes per token vs perplexity", "",
           "Every variant's KV cache cost per token (fp16 elements, all layers: "
           f"Σ_l H_kv · (r_l + D) · 2 bytes; `engine/kv_layout.py`) against its perplexity on "
