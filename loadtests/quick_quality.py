@@ -16,8 +16,9 @@ long-range copy (``copy_<text>_<length>``: ``copy-n`` windows per text and lengt
 model_patches.evaluation.tasks.copy_recall); greedy answers (24 tokens) to the 5 fixed chat
 prompts; with ``--chat-set``, chat fidelity on the 48 prompts of
 model_patches.evaluation.chat_fidelity against the original's greedy answers (64 tokens):
-answer NLL and top-1 agreement teacher-forced, identical answers, repetition and loops). Plain torch (model_patches.evaluation.tasks), float32. One JSON line per checkpoint on stdout. The full,
-documented benchmark is `factorkv eval` (docs/results/quality.md).
+answer NLL and top-1 agreement teacher-forced, identical answers, repetition and loops.
+Plain torch (model_patches.evaluation.tasks), float32. One JSON line per checkpoint on
+stdout. The full, documented benchmark is `factorkv eval` (docs/results/quality.md).
 """
 
 from __future__ import annotations

@@ -93,6 +93,14 @@ def test_benchmark_keeps_the_reference_with_the_original(tmp_path, tok, monkeypa
     want = C.chat_fidelity(TorchCausalLM.from_dir(src[1]).eval(), tok, ref, PROMPTS)
     assert got["rows"] == want["rows"] and got["nll"] == pytest.approx(want["nll"])
     assert "[eval] v chat set: answer NLL" in logs[-1]
+    n_logs = len(logs)
+    evaluate_variant("v", src[1], tmp_path, tok, {**opts, "chat_reference": ref}, logs.append)
+    assert len(logs) == n_logs                                   # cached: nothing rescored
+    other = ref[::-1]                                            # a new reference: rescored
+    mv2 = evaluate_variant("v", src[1], tmp_path, tok, {**opts, "chat_reference": other},
+                           logs.append)
+    assert len(logs) == n_logs + 1 and mv2[report_chat.CHAT_SET_KEY]["reference"] != \
+        got["reference"]
     text = "\n".join(report_chat.chat_sections(["original", "v"], {"original": mo, "v": mv}))
     assert "| original | " in text and "| 100.0% | 100% |" in text
     assert f"| v | {got['nll']:.3f} | {100 * got['top1']:.1f}% |" in text

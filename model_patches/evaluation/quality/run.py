@@ -12,6 +12,8 @@ builds the variants (variants.resolve_variant), evaluates them and writes the re
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -132,13 +134,16 @@ def _chat_set(name: str, res: Results, get_model, tok, opts: dict, log) -> None:
     if name == "original" and res.get(CHAT_REF_KEY) is None:
         res.put(CHAT_REF_KEY, C.reference_answers(get_model(), tok))
     reference = res.get(CHAT_REF_KEY) if name == "original" else opts.get("chat_reference")
-    if reference is None or res.get(CHAT_SET_KEY) is not None:
+    if reference is None:
+        return
+    digest = hashlib.sha256(json.dumps(reference).encode()).hexdigest()[:16]
+    if (res.get(CHAT_SET_KEY) or {}).get("reference") == digest:   # scored against these
         return
     t0 = time.time()
     with tqdm(total=len(C.CHAT_SET), desc=f"{name} chat set", unit="prompt",
               disable=not opts["progress"]) as bar:
         out = C.chat_fidelity(get_model(), tok, reference, progress=bar)
-    res.put(CHAT_SET_KEY, {**out, "seconds": round(time.time() - t0, 1)})
+    res.put(CHAT_SET_KEY, {**out, "reference": digest, "seconds": round(time.time() - t0, 1)})
     m = res.get(CHAT_SET_KEY)
     log(f"[eval] {name} chat set: answer NLL {m['nll']:.3f}, top-1 {m['top1']:.1%}, "
         f"same {m['same']:.0%}, loops {m['loops']:.0%}")
