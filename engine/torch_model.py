@@ -218,7 +218,7 @@ class TorchCausalLM(torch.nn.Module):
         b, t, _ = n.shape
         p, keys = self.prefix(i), self.keys[i]
         q, k = self._rotated_qk(i, n, pos)
-        v = self._lin(n, f"{p}.v_proj").view(b, t, self.h_kv, self.d).transpose(1, 2)
+        v = self._values(i, n)
         if cache is not None:
             if len(cache) > i:
                 k, v = torch.cat((cache[i][0], k), 2), torch.cat((cache[i][1], v), 2)
@@ -239,6 +239,21 @@ class TorchCausalLM(torch.nn.Module):
         if self.gpt2:
             return self._conv1d(o, f"{p}.c_proj")
         return self._lin(o, f"{p}.o_proj")
+
+    def attention_last_rows(self, i: int, n: torch.Tensor, pos: torch.Tensor,
+                            rows: int) -> torch.Tensor:
+        """attention(i, n, pos)[:, -rows:] at rows / T of its attention work: the last ``rows``
+        query rows of n [B, T, hidden] (positions pos [T] or [B, T]) over the keys and values of
+        all T rows (a long-context loss on a few rows, gradients through every key)."""
+        t = n.shape[1] - rows
+        _, k = self._rotated_qk(i, n[:, :t], pos[..., :t])
+        return self.attention(i, n[:, t:], pos[..., t:], [None] * i + [(k, self._values(i, n[:, :t]))])
+
+    def _values(self, i: int, n: torch.Tensor) -> torch.Tensor:
+        """Layer i's values [B, H_kv, T, D] of normed n [B, T, hidden]."""
+        b, t, _ = n.shape
+        v = self._lin(n, f"{self.prefix(i)}.v_proj")
+        return v.view(b, t, self.h_kv, self.d).transpose(1, 2)
 
     def _rotated_qk(self, i: int, n: torch.Tensor, pos: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -73,6 +73,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="half the calibration windows at PoSE-style positions below P, so short "
                         "windows also train distances up to P (both stages; 0 = off, the "
                         "default; the shipped latent-r16 recipe uses the model's 8192)")
+    p.add_argument("--calib-long-steps", type=int, default=None, metavar="N",
+                   help="after each layer's short-window steps, N more that add the last 256 "
+                        "query rows of 2 of 24 calibration windows of 2048 tokens (0 = off, the "
+                        "default; the shipped latent-r16 recipe uses 100)")
     p.add_argument("--learn-freq", action="store_true",
                    help="--calibrate also trains the thin pairs' rotary frequencies")
     p.add_argument("--e2e-steps", type=int, default=None, metavar="N",
@@ -100,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
                     ("--calib-steps", args.calib_steps)):
         if v is not None and v < 1:
             raise CLIError(f"{flag} must be at least 1, got {v}")
+    if args.calib_long_steps is not None and args.calib_long_steps < 0:
+        raise CLIError(f"--calib-long-steps must be at least 0, got {args.calib_long_steps}")
     if args.calib_lr is not None and not args.calib_lr > 0:
         raise CLIError(f"--calib-lr must be positive, got {args.calib_lr}")
     mix = args.calib_chat_mix
@@ -111,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
                                      ("e2e_varied_mix", args.calib_varied_mix),
                                      ("pos_skip", args.calib_pos_skip),
                                      ("e2e_pos_skip", args.calib_pos_skip),
+                                     ("long_steps", args.calib_long_steps),
                                      ("e2e_steps", args.e2e_steps), ("e2e_lr", args.e2e_lr))
                    if v is not None}
     if args.learn_freq:

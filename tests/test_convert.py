@@ -314,6 +314,9 @@ def test_short_calibration_text_fails_before_any_stage_runs(sources, tmp_path, m
     (["--key-rank", "4", "--calibrate", "--calib-varied-mix", "0.75"], "exceed 1"),
     (["--key-rank", "4", "--calibrate", "--calib-pos-skip", "100"], "pos_skip 100 is outside 256.."),
     (["--key-rank", "4", "--calibrate", "--calib-lr", "0"], "--calib-lr must be positive"),
+    (["--key-rank", "4", "--calibrate", "--calib-long-steps", "-1"], "must be at least 0"),
+    # 2,048-token long windows on a model of 1,024 positions: refused before any stage runs
+    (["--key-rank", "4", "--calibrate", "--calib-long-steps", "5"], "the model's 1024 positions"),
     (["--key-rank", "4", "--calib-lr", "1e-3"], "need --calibrate"),
     # the end-to-end stage (every 256-token window of the calibration stream) asks for more
     # varied windows than the varied texts hold: refused before the layer-wise stage runs
@@ -380,11 +383,11 @@ def test_cli_calibration_flags_reach_the_calibration(monkeypatch, tmp_path):
         main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--key-rank", "16",
               "--calibrate", "--calib-tokens", "65536", "--calib-steps", "800", "--calib-batch",
               "4", "--calib-lr", "3e-3", "--calib-pos-skip", "8192", "--e2e-steps", "40",
-              "--e2e-lr", "2e-4"])
+              "--e2e-lr", "2e-4", "--calib-long-steps", "100"])
     assert stop.value.code == 2
     assert seen["calibration"] == {"tokens": 65536, "steps": 800, "batch": 4, "lr": 3e-3,
                                    "pos_skip": 8192, "e2e_pos_skip": 8192, "e2e_steps": 40,
-                                   "e2e_lr": 2e-4}
+                                   "e2e_lr": 2e-4, "long_steps": 100}
 
 
 def test_long_range_weights_mark_rows_that_attend_far_back(sources, tmp_path):
@@ -463,3 +466,40 @@ def test_key_fidelity_holds_the_reconstructed_keys_near_the_source(sources, tmp_
     with pytest.raises(ConversionError, match="key_fidelity needs full-width"):
         calibrate_layer(teacher, student, 1, student.embed(ids, pos).detach(), pos, names[:2],
                         {"steps": 1, "batch": 2, "lr": 1e-2, "key_fidelity": 1.0})
+
+
+@pytest.mark.parametrize("keys", ["original", "latent", "thin"])
+def test_attention_last_rows_is_the_tail_of_full_attention(sources, tmp_path, keys):
+    """TorchCausalLM.attention_last_rows(i, n, pos, r) = attention(i, n, pos)[:, -r:], values
+    and key-projection gradients alike, at shared and per-window (PoSE-like) positions."""
+    src = sources["llama"]
+    path = src if keys == "original" else convert(src, tmp_path / keys, key_rank=4, keys=keys,
+                                                  **SMALL).dst
+    m = TorchCausalLM.from_dir(path)
+    kname = "model.layers.1.self_attn.k_proj.weight"
+    (k_w,) = m.make_trainable([kname])
+    n = torch.randn(2, 48, 64, generator=torch.Generator().manual_seed(5))
+    for pos in (torch.arange(48), torch.cat([torch.arange(20), torch.arange(500, 528)]).repeat(2, 1)):
+        full = m.attention(1, n, pos)[:, -16:]
+        (g_full,) = torch.autograd.grad(full.square().sum(), k_w)
+        tail = m.attention_last_rows(1, n, pos, 16)
+        (g_tail,) = torch.autograd.grad(tail.square().sum(), k_w)
+        torch.testing.assert_close(tail, full, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g_tail, g_full, rtol=1e-4, atol=1e-5)
+
+
+def test_long_window_steps_lower_the_long_tail_error_and_are_reported(sources, tmp_path):
+    """long_steps > 0: after each layer's short-window steps, steps on short batches plus the
+    last long_tail rows of long windows (keys over the whole window, the student's own hidden
+    states): every layer's tail error on the long windows falls, the short windows' error
+    still falls, and the settings are in the checkpoint's calibration report."""
+    long = {"long_steps": 8, "long_seq_len": 256, "long_tail": 32, "long_windows": 4,
+            "long_batch": 2, "long_lr": 1e-3}
+    cal = {"tokens": 8 * 64, "seq_len": 64, "steps": 10, "batch": 4, **long}
+    s = convert(sources["llama"], tmp_path / "cal", key_rank=4, keys="latent", calibrate=True,
+                calibration=cal, **SMALL)
+    report = json.loads((s.dst / "config.json").read_text())["factored_keys"]["calibration"]
+    assert {k: report[k] for k in long} == long
+    for layer in report["layers"]:
+        assert layer["long_tail_mse_after"] < layer["long_tail_mse_before"]
+        assert layer["relative_mse_after"] < layer["relative_mse_before"]

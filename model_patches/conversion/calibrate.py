@@ -14,9 +14,10 @@ keep the source's weights); the RoPE table of the thin dims stays the initialisa
 Then x_{l+1} = the student's full layer applied to x_l. Text: the calibration split of
 model_patches.text_sets (disjoint from evaluation), half of it as chat-template
 conversations (model_patches.conversion.calibration_data, ``chat_mix``); with ``pos_skip``,
-half of the windows at PoSE-style positions (calibration_data.skipped_positions). After each
-layer the progress is saved next to the destination (`.<dst>.calib/`), so an interrupted run
-resumes where it stopped. Runs on CUDA when available.
+half of the windows at PoSE-style positions (calibration_data.skipped_positions); with
+``long_steps``, long windows too (long_range, contiguous positions). Progress is saved after
+each layer next to the destination (`.<dst>.calib/`): an interrupted run resumes. Runs on
+CUDA when available.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ from model_patches.conversion.calibration_data import (calibration_windows, skip
 from model_patches.conversion.checkpoint_writer import ConversionError
 from model_patches.conversion.distill import (E2E_DEFAULTS, e2e_distill, e2e_thin_qk,
                                               e2e_window_set, fingerprint, weights_digest)
+from model_patches.conversion.long_range import (LONG_DEFAULTS, RETRIEVAL_DISTANCE,
+                                                 check_long_windows, long_range_weights,
+                                                 long_window_steps)
 from model_patches.text_sets import token_stream
 
 # chat_mix: fraction of calibration windows that are chat-template conversations
@@ -46,10 +50,6 @@ from model_patches.text_sets import token_stream
 # "varied_mix" setting (not a default) takes that fraction from the varied texts instead.
 DEFAULTS = {"tokens": 64 * 256, "seq_len": 256, "steps": 150, "batch": 8, "lr": 2e-3,
             "chat_mix": 0.5}
-# retrieval_weight's default distance: a key this many positions back counts as far
-RETRIEVAL_DISTANCE = 64
-
-
 def window_sets(tok, settings: dict) -> tuple[dict, dict | None]:
     """calibration_windows' arguments for the layer-wise stage and (e2e_steps > 0) the
     end-to-end stage under `settings` (DEFAULTS / E2E_DEFAULTS where absent), both checked
@@ -69,9 +69,11 @@ def check_calibration(src: str | Path, settings: dict) -> None:
     """Raise ConversionError (one line) unless every calibration stage's window set under
     `settings` can be built from `src`'s tokenizer (:func:`window_sets`) and its position
     limits suit the model (:func:`check_pos_skip`)."""
-    window_sets(AutoTokenizer.from_pretrained(str(src)), settings)
+    tok = AutoTokenizer.from_pretrained(str(src))
+    window_sets(tok, settings)
     cfg = json.loads((Path(src) / "config.json").read_text())
     check_pos_skip(cfg, {**DEFAULTS, **E2E_DEFAULTS, **settings})
+    check_long_windows(tok, cfg, {**DEFAULTS, **settings})
 
 
 def check_pos_skip(cfg: dict, opts: dict) -> None:
@@ -85,26 +87,9 @@ def check_pos_skip(cfg: dict, opts: dict) -> None:
                                   f"{longest} (its window length .. the model's positions)")
 
 
-def long_range_weights(teacher: TorchCausalLM, i: int, n: torch.Tensor, pos: torch.Tensor,
-                       strength: float, distance: int, chunk: int = 16) -> torch.Tensor:
-    """[N, T] per-query-row loss weights 1 + strength · m, m = the largest attention
-    probability the teacher's layer i gives, in any head, to one key at least ``distance``
-    positions back (the window's first token, the attention sink, left out): rows that
-    retrieve one token from far back weigh up to 1 + strength, diffuse rows (m ~ 1/T) ~1."""
-    out = []
-    for s in range(0, len(n), chunk):
-        rows = n[s:s + chunk]
-        at = pos[s:s + chunk] if pos.dim() == 2 else pos.expand(len(rows), -1)
-        probs = teacher.attention_probs(i, rows, at)                            # [B, H, T, T]
-        far = (at[:, :, None] - at[:, None, :]) >= distance                     # [B, T, T]
-        far[:, :, 0] = False
-        out.append(1 + strength * (probs * far[:, None]).amax((1, 3)))
-    return torch.cat(out)
-
-
 def calibrate_layer(teacher: TorchCausalLM, student: TorchCausalLM, i: int, x: torch.Tensor,
                     pos: torch.Tensor, names: list[str], opts: dict,
-                    freq_lr: float | None = None) -> tuple[torch.Tensor, dict]:
+                    freq_lr: float | None = None, long=None) -> tuple[torch.Tensor, dict]:
     """Layer-wise attention-output matching of layer i on the student's own hidden state x:
 
         n = norm_i(x),   min ‖Attn_student,i(n) − Attn_teacher,i(n)‖² / ‖Attn_teacher,i(n)‖²
@@ -118,8 +103,9 @@ def calibrate_layer(teacher: TorchCausalLM, student: TorchCausalLM, i: int, x: t
     default RETRIEVAL_DISTANCE) in the training loss. With ``opts["key_fidelity"]`` = λ > 0
     (latent keys) the training loss adds λ ‖B A n − W_k n‖² / ‖W_k n‖²: the reconstructed
     pre-RoPE keys held near the source's (the objective PCA minimises), every token's alike.
-    Returns (x after the student's whole layer i, the layer's unweighted relative MSE
-    before/after)."""
+    ``long`` = (the student's hidden states of long windows at layer i, their positions): the
+    long-window steps follow (long_range.long_window_steps). Returns (x after the student's
+    whole layer i, the layer's unweighted relative MSE before/after)."""
     with torch.no_grad():
         n = student.attn_norm(i, x)
         target = teacher.attention(i, n, pos)
@@ -172,10 +158,15 @@ def calibrate_layer(teacher: TorchCausalLM, student: TorchCausalLM, i: int, x: t
         if freq is not None:
             with torch.no_grad():
                 freq.clamp_(min=0.0)          # the format wants non-negative frequencies
+    record = {"layer": i, "relative_mse_before": before}
+    if long is not None:
+        record.update(long_window_steps(teacher, student, i, list(params.values()),
+                                        lambda idx: loss_on(idx, weighted=True), len(x),
+                                        *long, opts, gen))
     with torch.no_grad():
-        after = loss_on(everything).item()
+        record["relative_mse_after"] = loss_on(everything).item()
         x = student.mlp_block(i, x + student.attention(i, n, pos))
-    return x, {"layer": i, "relative_mse_before": before, "relative_mse_after": after}
+    return x, record
 
 
 def _prefix(family: str, i: int) -> str:
@@ -209,6 +200,9 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
     # pos_skip = P > 0: half the windows PoSE-style over positions < P (skipped_positions)
     pos = (skipped_positions(len(ids), seq, opts["pos_skip"]) if opts.get("pos_skip")
            else torch.arange(seq)).to(dev)
+    lo = {**LONG_DEFAULTS, **opts}
+    long_ids = (calibration_windows(tok, lo["long_seq_len"], lo["long_windows"], opts["chat_mix"],
+                                    seed=1).to(dev) if lo["long_steps"] else None)
     teacher = TorchCausalLM(*load_checkpoint(src)).to_device(dev)
 
     work = dst.parent / f".{dst.name}.calib"
@@ -219,11 +213,11 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
                                                                  "k_up_proj.weight"))})
     state = dict(state)
     freqs = [t.clone() for t in fk.inv_freq] if fk.inv_freq is not None else None
-    start, x, losses = 0, None, []
+    start, x, xl, losses = 0, None, None, []
     if (work / "progress.pt").exists():
         saved = torch.load(work / "progress.pt", map_location=dev)
         if saved.get("fingerprint") == fp:
-            start, x, losses = saved["layer"], saved["x"], saved["losses"]
+            start, x, xl, losses = saved["layer"], saved["x"], saved.get("x_long"), saved["losses"]
             state.update(saved["weights"])
             if saved.get("freqs") is not None:
                 freqs = saved["freqs"]
@@ -231,9 +225,10 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
     student = TorchCausalLM({**cfg, BLOCK: fk.to_block(), "architectures": [arch]},
                             state).to_device(dev)
     work.mkdir(parents=True, exist_ok=True)
-    if x is None:
-        with torch.no_grad():
-            x = student.embed(ids, pos)
+    lpos = torch.arange(lo["long_seq_len"], device=dev)
+    with torch.no_grad():
+        x = student.embed(ids, pos) if x is None else x
+        xl = student.embed(long_ids, lpos) if long_ids is not None and xl is None else xl
 
     t0 = time.time()
     bar = tqdm(range(start, student.n_layers), desc=f"calibrating {fk.key_mode} keys", unit="layer",
@@ -245,7 +240,11 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
                                                        trainable=True).to(dev)
         names = [n for n in _thin_names(family, i) if n in student.w]
         x, record = calibrate_layer(teacher, student, i, x, pos, names, opts,
-                                    learn.get("freq_lr", 1e-4) if learn_freq else None)
+                                    learn.get("freq_lr", 1e-4) if learn_freq else None,
+                                    None if xl is None else (xl, lpos))
+        if xl is not None:
+            with torch.no_grad():
+                xl = student.layer(i, xl, lpos)
         if learn_freq and freqs is not None:
             freqs[i] = student.keys[i].rope.inv_freq.detach().double().cpu()
         state.update(student.trained_state(names))
@@ -253,7 +252,7 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
         bar.set_postfix(rel_mse=f"{record['relative_mse_before']:.3f}->"
                                 f"{record['relative_mse_after']:.3f}")
         weights = {k: state[k] for li in range(i + 1) for k in _thin_names(family, li) if k in state}
-        torch.save({"fingerprint": fp, "layer": i + 1, "x": x, "losses": losses,
+        torch.save({"fingerprint": fp, "layer": i + 1, "x": x, "x_long": xl, "losses": losses,
                     "weights": weights, "freqs": freqs if learn_freq else None},
                    work / "progress.pt")
     report = {"recipe": "sequential layer-wise attention-output matching, QK only",
@@ -264,6 +263,7 @@ def calibrate_thin_qk(src: str | Path, cfg: dict, family: str, state: dict[str, 
                   opts.get("retrieval_distance", RETRIEVAL_DISTANCE)}
                  if opts.get("retrieval_weight") else {}),
               **{k: opts[k] for k in ("key_proj_lr_scale", "key_fidelity") if k in opts},
+              **({k: lo[k] for k in LONG_DEFAULTS} if lo["long_steps"] else {}),
               "steps_per_layer": opts["steps"],
               "batch": opts["batch"], "lr": opts["lr"], "device": str(dev),
               "seconds": round(time.time() - t0, 1), "layers": losses}
