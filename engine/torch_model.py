@@ -247,7 +247,8 @@ class TorchCausalLM(torch.nn.Module):
         all T rows (a long-context loss on a few rows, gradients through every key)."""
         t = n.shape[1] - rows
         _, k = self._rotated_qk(i, n[:, :t], pos[..., :t])
-        return self.attention(i, n[:, t:], pos[..., t:], [None] * i + [(k, self._values(i, n[:, :t]))])
+        cache = [None] * i + [(k, self._values(i, n[:, :t]))]       # layer i: the first t rows
+        return self.attention(i, n[:, t:], pos[..., t:], cache)
 
     def _values(self, i: int, n: torch.Tensor) -> torch.Tensor:
         """Layer i's values [B, H_kv, T, D] of normed n [B, T, hidden]."""

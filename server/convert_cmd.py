@@ -76,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-long-steps", type=int, default=None, metavar="N",
                    help="after each layer's short-window steps, N more that add the last 256 "
                         "query rows of 2 of 24 calibration windows of 2048 tokens (0 = off, the "
-                        "default; the shipped latent-r16 recipe uses 100)")
+                        "default, and in every shipped recipe)")
     p.add_argument("--learn-freq", action="store_true",
                    help="--calibrate also trains the thin pairs' rotary frequencies")
     p.add_argument("--e2e-steps", type=int, default=None, metavar="N",

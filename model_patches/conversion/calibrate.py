@@ -14,10 +14,9 @@ keep the source's weights); the RoPE table of the thin dims stays the initialisa
 Then x_{l+1} = the student's full layer applied to x_l. Text: the calibration split of
 model_patches.text_sets (disjoint from evaluation), half of it as chat-template
 conversations (model_patches.conversion.calibration_data, ``chat_mix``); with ``pos_skip``,
-half of the windows at PoSE-style positions (calibration_data.skipped_positions); with
-``long_steps``, long windows too (long_range, contiguous positions). Progress is saved after
-each layer next to the destination (`.<dst>.calib/`): an interrupted run resumes. Runs on
-CUDA when available.
+half of the windows at PoSE-style positions (calibration_data.skipped_positions), with
+``long_steps`` long windows too (long_range). Progress is saved after each layer next to the
+destination (`.<dst>.calib/`), so an interrupted run resumes. Runs on CUDA when available.
 """
 
 from __future__ import annotations
@@ -50,6 +49,8 @@ from model_patches.text_sets import token_stream
 # "varied_mix" setting (not a default) takes that fraction from the varied texts instead.
 DEFAULTS = {"tokens": 64 * 256, "seq_len": 256, "steps": 150, "batch": 8, "lr": 2e-3,
             "chat_mix": 0.5}
+
+
 def window_sets(tok, settings: dict) -> tuple[dict, dict | None]:
     """calibration_windows' arguments for the layer-wise stage and (e2e_steps > 0) the
     end-to-end stage under `settings` (DEFAULTS / E2E_DEFAULTS where absent), both checked
@@ -103,9 +104,8 @@ def calibrate_layer(teacher: TorchCausalLM, student: TorchCausalLM, i: int, x: t
     default RETRIEVAL_DISTANCE) in the training loss. With ``opts["key_fidelity"]`` = λ > 0
     (latent keys) the training loss adds λ ‖B A n − W_k n‖² / ‖W_k n‖²: the reconstructed
     pre-RoPE keys held near the source's (the objective PCA minimises), every token's alike.
-    ``long`` = (the student's hidden states of long windows at layer i, their positions): the
-    long-window steps follow (long_range.long_window_steps). Returns (x after the student's
-    whole layer i, the layer's unweighted relative MSE before/after)."""
+    ``long`` = (long windows' student states at layer i, positions): long_range.long_window_steps
+    follows. Returns (x after the student's whole layer i, its relative MSE and tail errors)."""
     with torch.no_grad():
         n = student.attn_norm(i, x)
         target = teacher.attention(i, n, pos)

@@ -75,10 +75,14 @@ def long_window_steps(teacher: TorchCausalLM, student: TorchCausalLM, i: int,
     before and after."""
     o = {**LONG_DEFAULTS, **opts}
     tail = o["long_tail"]
+
+    def tails(model):                          # every window's tail, 4 windows at a time
+        return torch.cat([model.attention_last_rows(i, n[w:w + 4], long_pos, tail)
+                          for w in range(0, len(n), 4)])
+
     with torch.no_grad():
         n = student.attn_norm(i, long_x)
-        target = torch.cat([teacher.attention_last_rows(i, n[w:w + 4], long_pos, tail)
-                            for w in range(0, len(n), 4)])
+        target = tails(teacher)
     norm = target.pow(2).mean().clamp_min(1e-12)
 
     def tail_error(idx):
@@ -87,8 +91,7 @@ def long_window_steps(teacher: TorchCausalLM, student: TorchCausalLM, i: int,
 
     def error_everywhere():
         with torch.no_grad():
-            return sum(tail_error(torch.arange(w, min(w + 4, len(n)), device=n.device)).item()
-                       * min(4, len(n) - w) for w in range(0, len(n), 4)) / len(n)
+            return ((tails(student) - target).pow(2).mean() / norm).item()
 
     before = error_everywhere()
     opt = torch.optim.Adam(params, lr=o["long_lr"])
